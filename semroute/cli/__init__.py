@@ -1,0 +1,66 @@
+"""The ``semroute`` command.
+
+Each area registers its own sub-commands (``register(top, groups)``) so this module stays a table.
+Handlers import their heavy dependencies lazily: ``semroute --help`` loads neither onnxruntime
+nor grpc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from semroute.errors import SemrouteError
+
+# Modules that contribute commands; each has register(top, groups).
+_COMMAND_MODULES = (
+    "semroute.cli.core",  # encoder export, index build, route
+    "semroute.cli.router_cmds",  # serve router
+    "semroute.cli.dispatch_cmds",  # serve dispatcher, chat
+    "semroute.cli.eval_cmds",  # eval labels/outcomes, calibrate, index lint
+)
+
+# Command groups shared by several modules (e.g. `serve router` and `serve dispatcher`).
+_GROUPS = {
+    "encoder": "export the sentence encoder to ONNX",
+    "index": "build and check exemplar indexes",
+    "serve": "run a gRPC service",
+    "eval": "measure routing quality",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semroute", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=str, default=None, help="YAML settings file")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups = {}
+    for name, help_text in _GROUPS.items():
+        p = top.add_parser(name, help=help_text)
+        groups[name] = p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # area not built yet
+            raise
+        module.register(top, groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SemrouteError as exc:
+        print(f"semroute: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

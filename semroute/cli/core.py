@@ -1,0 +1,149 @@
+"""Core commands: `encoder export`, `index build`, `route`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from semroute.config import DEFAULT_ENCODER_DIR, DEFAULT_INDEX_DIR, load_settings
+from semroute.types import Decision, Policy, Query
+
+
+def register(top: Any, groups: dict[str, Any]) -> None:
+    p = groups["encoder"].add_parser("export", help="export a sentence-transformers model to ONNX")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: all-MiniLM-L6-v2)"
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_ENCODER_DIR)
+    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation")
+    p.set_defaults(handler=_export)
+
+    p = groups["index"].add_parser("build", help="build an index from exemplar files")
+    p.add_argument("--exemplars", type=Path, nargs="+", required=True, metavar="PATH")
+    p.add_argument("--routes", type=Path, default=None, help="routes YAML")
+    p.add_argument("--targets", type=Path, default=None, help="target prices CSV (models.csv)")
+    p.add_argument("--encoder", type=Path, default=None, help="exported encoder directory")
+    p.add_argument("--out", type=Path, required=True, help="index root (DIR/current is switched)")
+    p.add_argument("--factory", default=None, help="FAISS factory string for large indexes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_build)
+
+    p = top.add_parser("route", help="route queries (argument, or one per line on stdin)")
+    p.add_argument("text", nargs="?", default=None)
+    p.add_argument("--index", type=Path, default=DEFAULT_INDEX_DIR)
+    p.add_argument("--server", default=None, help="ask a router service at ADDR instead")
+    p.add_argument("--token", default=None, help="bearer token for --server")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    p.add_argument("--explain", action="store_true", help="include the nearest exemplars")
+    p.add_argument("--history", action="append", default=[], help="earlier turn (repeatable)")
+    p.add_argument("--allow", action="append", default=[], help="allowed target (repeatable)")
+    p.add_argument("--require-local", action="store_true")
+    p.add_argument("--max-cost", type=float, default=None, help="USD per 1M tokens")
+    p.add_argument("--quality-tolerance", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=64, help="stdin queries per batch")
+    p.set_defaults(handler=_route)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from semroute.export import export_encoder
+
+    started = time.perf_counter()
+    out = export_encoder(args.model, args.out, int8=args.int8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(
+        f"exported {manifest['model_name']} -> {out} (dim {manifest['dimension']}, "
+        f"max {manifest['max_tokens']} tokens, {manifest['fingerprint'][:19]}…) "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from semroute.encoder import OnnxEncoder
+    from semroute.index import build_index
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    index_settings = settings.index
+    if args.factory:
+        index_settings = index_settings.model_copy(update={"approx_factory": args.factory})
+    encoder_path = args.encoder or settings.encoder.path
+    encoder = OnnxEncoder.load(encoder_path, threads=settings.encoder.threads)
+    started = time.perf_counter()
+    version_dir = build_index(
+        args.exemplars,
+        args.out,
+        encoder,
+        routes_file=args.routes,
+        targets_file=args.targets,
+        settings=index_settings,
+        batch_size=settings.encoder.batch_size,
+        progress=not args.quiet,
+        encoder_path=encoder_path,
+    )
+    elapsed = time.perf_counter() - started
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    n = manifest["counts"]["exemplars"]
+    print(
+        f"built {manifest['kind']} index {manifest['version']}: {n} exemplars, "
+        f"{len(manifest['route_table']['routes'])} routes, {manifest['faiss']['factory']} "
+        f"in {elapsed:.1f}s ({n / elapsed:.0f} exemplars/s); {args.out}/current -> {version_dir.name}"
+    )
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    policy = Policy(
+        allowed_targets=tuple(args.allow),
+        require_local=args.require_local,
+        max_cost=args.max_cost,
+        quality_tolerance=args.quality_tolerance,
+    )
+    history = tuple(args.history)
+    if args.text is not None:
+        batches = [[Query(args.text, history, policy, args.explain)]]
+    else:
+        batches = _stdin_batches(args.batch_size, history, policy, args.explain)
+    if args.server:
+        from semroute.client import SyncRouterClient
+
+        with SyncRouterClient(args.server, token=args.token) as client:
+            for batch in batches:
+                _print(client.route_batch(batch), args.json)
+        return 0
+    from semroute.router import Router
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    router = Router.load(args.index, settings)
+    for batch in batches:
+        _print(router.route_batch(batch), args.json)
+    return 0
+
+
+def _stdin_batches(size: int, history: tuple[str, ...], policy: Policy, explain: bool) -> Any:
+    batch: list[Query] = []
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        batch.append(Query(text, history, policy, explain))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _print(decisions: list[Decision], as_json: bool) -> None:
+    for d in decisions:
+        if as_json:
+            print(json.dumps(d.as_dict(), ensure_ascii=False))
+        else:
+            flag = " [fallback]" if d.fallback else ""
+            print(f"{d.route} -> {d.target} ({d.confidence:.2f}){flag}: {d.reason}")
+            for n in d.neighbors:
+                print(f"    {n.similarity:.3f} [{n.label}] {n.text[:100]}")
+    sys.stdout.flush()

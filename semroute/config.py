@@ -1,0 +1,179 @@
+"""All settings, in one place. Nothing else in semroute reads ``os.environ``.
+
+Sources, highest priority first: explicit keyword arguments (CLI flags), environment variables
+(``SEMROUTE_<SECTION>__<FIELD>``, e.g. ``SEMROUTE_ROUTER__K=10``), a YAML file given with
+``--config`` (same nesting as the sections below), then the defaults here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from semroute.errors import ConfigError
+
+DEFAULT_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-onnx")
+DEFAULT_INDEX_DIR = Path("index_data/build/default")
+
+
+class EncoderSettings(BaseModel):
+    path: Path = DEFAULT_ENCODER_DIR
+    threads: int = Field(2, ge=1, description="onnxruntime intra-op threads")
+    batch_size: int = Field(64, ge=1, description="texts per encoder batch when building")
+    cache_size: int = Field(4096, ge=0, description="LRU cache of query embeddings (0 = off)")
+
+
+class DecisionSettings(BaseModel):
+    k: int = Field(10, ge=1, le=256, description="neighbours consulted per query")
+    temperature: float = Field(
+        0.05, gt=0, description="softmax temperature turning similarities into vote weights"
+    )
+    shrinkage: float = Field(
+        1.0, ge=0, description="pseudo-count pulling outcome estimates toward each target's mean"
+    )
+    null_similarity: float | None = Field(
+        0.35, description="similarity of the null pseudo-neighbour (far queries lose confidence)"
+    )
+    cost_weight: float = Field(
+        0.0, ge=0, description="outcomes: utility = quality - cost_weight * cost / max cost"
+    )
+    history_decay: float = Field(
+        0.5, ge=0, le=1, description="weight of each earlier turn relative to the next one"
+    )
+    history_turns: int = Field(3, ge=0, description="earlier turns used at most")
+    max_explain: int = Field(5, ge=0, description="neighbours returned when explain is asked")
+
+
+class IndexSettings(BaseModel):
+    exact_max: int = Field(
+        50_000, ge=1, description="up to this many exemplars the index is exact (flat)"
+    )
+    approx_factory: str = Field(
+        "HNSW32", description="FAISS factory string for larger indexes (inner product)"
+    )
+    hnsw_ef_search: int = Field(64, ge=1)
+
+
+class LimitSettings(BaseModel):
+    max_query_chars: int = Field(8192, ge=1)
+    max_history_turns: int = Field(16, ge=0)
+    max_batch: int = Field(256, ge=1, description="queries per RouteBatch call")
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens. Tokens come from env (comma-separated) or files (one per line)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    tokens_file: Path | None = None
+    admin_tokens: list[str] = Field(default_factory=list)
+    admin_tokens_file: Path | None = None
+
+
+class TlsSettings(BaseModel):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = Field(None, description="set to require client certificates")
+
+
+class RouterServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = Field(9464, description="0 disables the Prometheus endpoint")
+    batch_max: int = Field(32, ge=1, description="concurrent Route calls coalesced per encoder run")
+    batch_wait_ms: float = Field(1.0, ge=0, description="how long a batch waits to fill")
+    workers: int = Field(2, ge=1, description="threads running encoder + FAISS")
+    watch_interval_s: float = Field(2.0, ge=0, description="poll of DIR/current; 0 disables")
+    grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+
+
+class DispatcherSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50052
+    metrics_port: int = 9465
+    http_port: int = Field(0, description="OpenAI-compatible HTTP door; 0 = off (8000 in `serve`)")
+    router: str = "127.0.0.1:50051"
+    backends_file: Path = Path("deploy/backends.yaml")
+    retries: int = Field(1, ge=0, description="extra attempts on the same target before the next")
+    backoff_s: float = Field(0.1, ge=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(10.0, gt=0)
+    rules_file: Path | None = None
+    router_token: str | None = Field(None, description="bearer token for the router's auth")
+    router_tls_ca: Path | None = Field(None, description="CA file: reach the router over TLS")
+    router_timeout_s: float = Field(5.0, gt=0, description="deadline of each router call")
+    grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+
+
+class LogSettings(BaseModel):
+    level: str = "INFO"
+    json_logs: bool = Field(True, alias="json")
+    log_query_text: bool = Field(False, description="log query text (off: hash + length only)")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SEMROUTE_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    encoder: EncoderSettings = EncoderSettings()
+    decision: DecisionSettings = DecisionSettings()
+    index: IndexSettings = IndexSettings()
+    limits: LimitSettings = LimitSettings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    router_server: RouterServerSettings = RouterServerSettings()
+    dispatcher: DispatcherSettings = DispatcherSettings()
+    log: LogSettings = LogSettings()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from a YAML file (optional), the environment, and explicit overrides.
+
+    Raises ConfigError naming the file and field on any invalid value.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{config_file}: cannot read config file: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file}: invalid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: top level must be a mapping of sections")
+        data = loaded
+    explicit: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        section, _, name = dotted.partition("__")
+        explicit.setdefault(section, {})[name] = value
+    try:
+        # Environment beats the file and explicit overrides beat both, so merge by hand.
+        merged = _merge(_merge(data, _explicit(Settings())), explicit)
+        return Settings(**merged)
+    except ValidationError as exc:
+        where = f"{config_file}: " if config_file else ""
+        lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from exc
+
+
+def _explicit(settings: Settings) -> dict[str, Any]:
+    """Only the values that were set from the environment (not defaults)."""
+    out: dict[str, Any] = {}
+    for name in settings.model_fields_set:
+        section = getattr(settings, name)
+        out[name] = section.model_dump(exclude_unset=True, by_alias=True)
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

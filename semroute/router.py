@@ -1,0 +1,213 @@
+"""The in-process router: encoder + index + decision.
+
+``Router.route()`` and ``route_batch()`` are synchronous and thread-safe; services run them off
+the event loop. A batch is embedded in one encoder call (queries and their history turns
+together), searched in one FAISS call, then decided per query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from semroute.config import DecisionSettings, LimitSettings, Settings
+from semroute.decision import (
+    DecisionParams,
+    decide_labelled,
+    decide_outcomes,
+    explain_neighbours,
+)
+from semroute.encoder import CachedEncoder, OnnxEncoder
+from semroute.errors import FingerprintMismatch, InvalidRequest, UnknownTarget
+from semroute.index import ExemplarIndex
+from semroute.types import Decision, ExemplarKind, IndexInfo, Policy, Query, Vectors
+
+
+@dataclass(frozen=True)
+class Timings:
+    encode_s: float
+    search_s: float
+    decide_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.encode_s + self.search_s + self.decide_s
+
+
+class Router:
+    """Routes queries against one loaded index. Swap indexes with ``with_index``."""
+
+    def __init__(
+        self,
+        encoder: CachedEncoder | OnnxEncoder,
+        index: ExemplarIndex,
+        settings: Settings | None = None,
+    ) -> None:
+        settings = settings or Settings()
+        if encoder.fingerprint != index.encoder_fingerprint:
+            raise FingerprintMismatch(
+                f"{index.path}: index was built with encoder {index.encoder_fingerprint[:19]}… "
+                f"but the loaded encoder is {encoder.fingerprint[:19]}…; rebuild the index "
+                f"with this encoder or load the one it was built with"
+            )
+        self.encoder = encoder
+        self.index = index
+        self.settings = settings
+        self._decision: DecisionSettings = settings.decision
+        self._limits: LimitSettings = settings.limits
+        self._params = DecisionParams(
+            temperature=self._decision.temperature,
+            null_similarity=self._decision.null_similarity,
+            shrinkage=self._decision.shrinkage,
+            cost_weight=self._decision.cost_weight,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        index_path: Path,
+        settings: Settings | None = None,
+        encoder_path: Path | None = None,
+    ) -> Router:
+        """Load the encoder and index (``index_path`` = ROOT or a version directory).
+
+        The encoder is ``encoder_path``, else the one recorded in the index manifest if it still
+        exists, else ``settings.encoder.path``. A fingerprint mismatch is refused.
+        """
+        settings = settings or Settings()
+        index = ExemplarIndex.load(index_path)
+        if encoder_path is None:
+            recorded = index.manifest["encoder"].get("path") or ""
+            encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None
+        encoder_path = encoder_path or settings.encoder.path
+        inner = OnnxEncoder.load(encoder_path, threads=settings.encoder.threads)
+        encoder = CachedEncoder(inner, settings.encoder.cache_size)
+        return cls(encoder, index, settings)
+
+    def with_index(self, index: ExemplarIndex) -> Router:
+        """The same encoder over another index (refused when the fingerprints differ)."""
+        return Router(self.encoder, index, self.settings)
+
+    @property
+    def info(self) -> IndexInfo:
+        return self.index.info
+
+    def validate(self, query: Query) -> None:
+        """Raise InvalidRequest naming the (proto) field and the limit for a bad query."""
+        limit = self._limits.max_query_chars
+        if not query.text.strip():
+            raise InvalidRequest("query", "must not be empty or blank")
+        if len(query.text) > limit:
+            raise InvalidRequest(
+                "query", f"{len(query.text)} characters is over the limit of {limit}"
+            )
+        if len(query.history) > self._limits.max_history_turns:
+            raise InvalidRequest(
+                "history",
+                f"{len(query.history)} turns is over the limit of {self._limits.max_history_turns}",
+            )
+        for i, turn in enumerate(query.history):
+            if len(turn) > limit:
+                raise InvalidRequest(
+                    f"history[{i}]", f"{len(turn)} characters is over the limit of {limit}"
+                )
+        policy = query.policy
+        known = self.index.route_table.targets
+        for i, name in enumerate(policy.allowed_targets):
+            if name not in known:
+                raise UnknownTarget(
+                    f"policy.allowed_targets[{i}]",
+                    f"unknown target {name!r}; known targets: {sorted(known)}",
+                )
+        if policy.max_cost is not None and not policy.max_cost >= 0:
+            raise InvalidRequest("policy.max_cost", f"must be >= 0, got {policy.max_cost}")
+        if not 0 <= policy.quality_tolerance <= 1:
+            raise InvalidRequest(
+                "policy.quality_tolerance", f"must be in 0..1, got {policy.quality_tolerance}"
+            )
+
+    def route(
+        self,
+        text: str,
+        *,
+        history: Sequence[str] = (),
+        policy: Policy = Policy(),
+        explain: bool = False,
+    ) -> Decision:
+        """Route one query. Raises InvalidRequest for bad input, NoTargetAvailable when the
+        policy excludes every target."""
+        return self.route_batch([Query(text, tuple(history), policy, explain)])[0]
+
+    def route_batch(self, queries: Sequence[Query]) -> list[Decision]:
+        """Route many queries with one encoder call; results are in input order."""
+        return self.route_batch_timed(queries)[0]
+
+    def route_batch_timed(self, queries: Sequence[Query]) -> tuple[list[Decision], Timings]:
+        for q in queries:
+            self.validate(q)
+        if not queries:
+            return [], Timings(0.0, 0.0, 0.0)
+        t0 = time.perf_counter()
+        vectors = self.embed(queries)
+        t1 = time.perf_counter()
+        sims, ids = self.index.search(vectors, self._decision.k)
+        t2 = time.perf_counter()
+        decisions = [self._decide(q, sims[i], ids[i]) for i, q in enumerate(queries)]
+        t3 = time.perf_counter()
+        return decisions, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def embed(self, queries: Sequence[Query]) -> Vectors:
+        """Query vectors; earlier turns are blended in with geometrically decaying weights."""
+        turns = self._decision.history_turns
+        texts: list[str] = []
+        for q in queries:
+            texts.append(q.text)
+            texts.extend(q.history[-turns:] if turns else ())
+        unique = list(dict.fromkeys(texts))
+        position = {t: i for i, t in enumerate(unique)}
+        embedded = self.encoder.encode(unique)
+        out = np.empty((len(queries), embedded.shape[1]), dtype=np.float32)
+        decay = self._decision.history_decay
+        for i, q in enumerate(queries):
+            vec = embedded[position[q.text]].copy()
+            recent = list(reversed(q.history[-turns:])) if turns else []
+            for j, turn in enumerate(recent, start=1):
+                vec += (decay**j) * embedded[position[turn]]
+            norm = float(np.linalg.norm(vec))
+            out[i] = vec / norm if norm > 0 else vec
+        return out
+
+    def _decide(self, query: Query, sims: np.ndarray, ids: np.ndarray) -> Decision:
+        index = self.index
+        if index.kind is ExemplarKind.LABELLED:
+            decision = decide_labelled(
+                sims,
+                ids,
+                index.labels,
+                index.weights,
+                index.route_table,
+                query.policy,
+                self._params,
+            )
+        else:
+            decision = decide_outcomes(
+                sims,
+                ids,
+                index.scores,
+                index.score_targets,
+                index.weights,
+                index.target_means,
+                index.route_table,
+                query.policy,
+                self._params,
+            )
+        neighbours = (
+            explain_neighbours(sims, ids, index.texts, index.labels, self._decision.max_explain)
+            if query.explain
+            else ()
+        )
+        return replace(decision, neighbors=neighbours, index_version=index.version)
