@@ -41,8 +41,11 @@ class DecisionSettings(BaseModel):
     cost_weight: float = Field(
         0.0, ge=0, description="outcomes: utility = quality - cost_weight * cost / max cost"
     )
+    history_weight: float = Field(
+        1.0, ge=0, description="weight of the most recent earlier turn (the query weighs 1)"
+    )
     history_decay: float = Field(
-        0.5, ge=0, le=1, description="weight of each earlier turn relative to the next one"
+        0.5, ge=0, le=1, description="each older turn weighs this much of the next newer one"
     )
     history_turns: int = Field(3, ge=0, description="earlier turns used at most")
     max_explain: int = Field(5, ge=0, description="neighbours returned when explain is asked")

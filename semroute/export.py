@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,10 @@ def export_encoder(model_dir: Path | None, out: Path, *, int8: bool = False) -> 
         ids = torch.ones((2, 8), dtype=torch.long)
         mask = torch.ones((2, 8), dtype=torch.long)
         fp32_path = tmp / ("model.fp32.onnx" if int8 else MODEL_FILE)
-        with torch.no_grad():
+        # The TorchScript exporter (dynamo=False) is deprecated but needs no onnxscript and gives
+        # a graph onnxruntime optimises well; its warnings are noise for our users.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 Pooled().eval(),
                 (ids, mask),

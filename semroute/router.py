@@ -171,12 +171,14 @@ class Router:
         position = {t: i for i, t in enumerate(unique)}
         embedded = self.encoder.encode(unique)
         out = np.empty((len(queries), embedded.shape[1]), dtype=np.float32)
-        decay = self._decision.history_decay
+        first, decay = self._decision.history_weight, self._decision.history_decay
         for i, q in enumerate(queries):
             vec = embedded[position[q.text]].copy()
             recent = list(reversed(q.history[-turns:])) if turns else []
-            for j, turn in enumerate(recent, start=1):
-                vec += (decay**j) * embedded[position[turn]]
+            # A follow-up like "make it shorter" says little by itself: the turn before it
+            # weighs as much as the query (measured on the default routes), older ones less.
+            for j, turn in enumerate(recent):
+                vec += first * (decay**j) * embedded[position[turn]]
             norm = float(np.linalg.norm(vec))
             out[i] = vec / norm if norm > 0 else vec
         return out
