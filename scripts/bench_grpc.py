@@ -1,0 +1,370 @@
+"""Benchmark the router gRPC service: latency at one client, throughput at 64 concurrent clients.
+
+    .venv/bin/python scripts/bench_grpc.py            # prints a table, updates docs/BENCHMARKS.md
+
+Setup, so the figures can be reproduced and compared:
+- index: Banking77 train (../shared/data/banking77/train.csv, 10,003 exemplars, 77 routes),
+  built once into out/bench_grpc/index with the exported encoder (reused while its encoder
+  fingerprint and size still match);
+- queries: Banking77 test (short customer questions), in file order;
+- server: `semroute serve router` in its own process with default settings except the
+  embedding cache, which is turned off so that every call pays for a real encoder run;
+  logs at INFO (one access line and one decision line per call) go to out/bench_grpc/router.log;
+- clients: grpc.aio in this process, one channel per client. Latency is measured at the
+  client, end to end. The client shares the machine's cores with the server.
+
+Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
+OUT = ROOT / "out" / "bench_grpc"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+START, END = "<!-- bench:grpc -->", "<!-- /bench:grpc -->"
+
+
+def read_texts(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = False) -> Path:
+    """Build the Banking77 index under ``root`` unless one built from the same file with the
+    same encoder is already there (a stamp records the source and the encoder fingerprint).
+    ``hnsw``: approximate HNSW32 index instead of the exact flat one."""
+    from semroute.config import IndexSettings
+    from semroute.encoder import OnnxEncoder
+    from semroute.index import build_index
+
+    encoder = OnnxEncoder.load(encoder_dir, threads=2)
+    stat = train.stat()
+    source = f"{train.resolve()} {stat.st_size} {int(stat.st_mtime)} {encoder.fingerprint} {hnsw}"
+    stamp = root.parent / f"{root.name}.source"
+    if stamp.exists() and stamp.read_text() == source and (root / "current").exists():
+        print(f"index: reusing {root} (built from {train.name})")
+        return root
+    start = time.perf_counter()
+    settings = IndexSettings(exact_max=1) if hnsw else None
+    build_index([train], root, encoder, progress=False, encoder_path=encoder_dir,
+                settings=settings)
+    stamp.write_text(source)
+    print(f"index: built from {train} in {time.perf_counter() - start:.1f} s")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    index: Path, encoder_dir: Path, port: int, metrics_port: int, log_path: Path,
+    overrides: dict[str, str],
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SEMROUTE_ENCODER__CACHE_SIZE": "0",
+        "SEMROUTE_ROUTER_SERVER__WATCH_INTERVAL_S": "0",
+        **overrides,
+    }
+    semroute = Path(sys.executable).parent / "semroute"
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [str(semroute), "serve", "router", "--index", str(index), "--host", "127.0.0.1",
+             "--port", str(port), "--metrics-port", str(metrics_port),
+             "--encoder", str(encoder_dir)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+
+
+async def wait_serving(addr: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(1200):
+            if proc.poll() is not None:
+                raise SystemExit(f"router exited:\n{log_path.read_text()[-2000:]}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("router never became SERVING")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one if None), from /proc or os.times()."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def single_client(addr: str, texts: list[str]) -> list[float]:
+    from semroute.client import RouterClient
+
+    latencies = []
+    async with RouterClient(addr, timeout=30) as client:
+        for text in texts:
+            start = time.perf_counter()
+            await client.route(text)
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+async def concurrent_clients(
+    addr: str, texts: list[str], clients: int, seconds: float
+) -> tuple[int, float, list[float], int]:
+    from semroute.client import RouterClient
+
+    stop_at = time.perf_counter() + seconds
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(worker: int, client: RouterClient) -> None:
+        nonlocal errors
+        i = worker
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                await client.route(texts[i % len(texts)])
+                latencies.append(time.perf_counter() - start)
+            except Exception:  # counted and reported
+                errors += 1
+            i += clients
+
+    pool = [RouterClient(addr, timeout=30) for _ in range(clients)]
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(w, c) for w, c in enumerate(pool)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.close() for c in pool))
+    return len(latencies), elapsed, latencies, errors
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    wanted = {}
+    for line in text.splitlines():
+        for name in ("semroute_router_batch_size_sum", "semroute_router_batch_size_count",
+                     "semroute_router_encode_seconds_sum", "semroute_router_encode_seconds_count",
+                     "semroute_router_search_seconds_sum"):
+            if line.startswith(name + " "):
+                wanted[name] = float(line.split()[1])
+    return wanted
+
+
+def write_section(body: str) -> None:
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by its script.\n"
+    section = f"{START}\n{body.rstrip()}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    encoder_dir: Path
+    hnsw: bool = False
+    settings: tuple[str, ...] = ()  # SECTION__FIELD=VALUE for the server
+
+
+def run_variant(
+    variant: Variant, args: argparse.Namespace, queries: list[str]
+) -> tuple[list[tuple[str, str, str]], str]:
+    """Build/reuse the variant's index, start a server, measure. Returns the table rows
+    (measure, result, target) and a one-line note."""
+    encoder_dir = variant.encoder_dir
+    manifest = json.loads((encoder_dir / "manifest.json").read_text())
+    name = "index" if encoder_dir == ENCODER_DIR else f"index-{manifest['fingerprint'][7:19]}"
+    name += "-hnsw" if variant.hnsw else ""
+    index = ensure_index(args.train, OUT / name, encoder_dir, hnsw=variant.hnsw)
+    port, metrics_port = free_port(), free_port()
+    log_path = OUT / "router.log"
+    overrides = {}
+    for item in [*variant.settings, *args.set]:
+        key, _, value = item.partition("=")
+        overrides[f"SEMROUTE_{key.upper()}"] = value
+    load_before = os.getloadavg()[0]
+    proc = start_server(index, encoder_dir, port, metrics_port, log_path, overrides)
+    addr = f"127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_serving(addr, proc, log_path))
+        asyncio.run(single_client(addr, queries[-200:]))  # warm-up (not measured)
+        cpu0 = (cpu_seconds(proc.pid), cpu_seconds())
+        single = asyncio.run(single_client(addr, queries[: args.single]))
+        cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
+        before = scrape(metrics_port)
+        done, elapsed, loaded, errors = asyncio.run(
+            concurrent_clients(addr, queries, args.clients, args.seconds)
+        )
+        after = scrape(metrics_port)
+        cpu2 = (cpu_seconds(proc.pid), cpu_seconds())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    load_after = os.getloadavg()[0]
+
+    def delta(metric: str) -> float:
+        return after.get(metric, 0.0) - before.get(metric, 0.0)
+
+    batches = delta("semroute_router_batch_size_count")
+    mean_batch = delta("semroute_router_batch_size_sum") / batches if batches else 0.0
+    encode_ms = 1000 * delta("semroute_router_encode_seconds_sum") / batches if batches else 0.0
+    ms = 1000.0
+    n1, nn = len(single), max(done, 1)
+    rows = [
+        ("p50 latency, 1 client", f"{pct(single, 0.50) * ms:.2f} ms", "<= 2 ms"),
+        ("p90 latency, 1 client", f"{pct(single, 0.90) * ms:.2f} ms", ""),
+        ("p99 latency, 1 client", f"{pct(single, 0.99) * ms:.2f} ms", "<= 6 ms"),
+        (f"throughput, {args.clients} clients", f"{done / elapsed:,.0f} routes/s",
+         ">= 1,000 routes/s"),
+        (f"p50 / p99 latency, {args.clients} clients",
+         f"{pct(loaded, 0.5) * ms:.1f} / {pct(loaded, 0.99) * ms:.1f} ms", ""),
+        ("mean encoder batch under load", f"{mean_batch:.1f} queries in {encode_ms:.1f} ms", ""),
+        ("failed calls under load", str(errors), "0"),
+        ("CPU per call, 1 client: server + client",
+         f"{(cpu1[0] - cpu0[0]) / n1 * ms:.2f} + {(cpu1[1] - cpu0[1]) / n1 * ms:.2f} ms", ""),
+        (f"CPU per call, {args.clients} clients: server + client",
+         f"{(cpu2[0] - cpu1[0]) / nn * ms:.2f} + {(cpu2[1] - cpu1[1]) / nn * ms:.2f} ms", ""),
+    ]
+    note = (f"1-client mean {statistics.mean(single) * ms:.2f} ms over {n1} calls; {done} calls "
+            f"in {elapsed:.1f} s under load; load average {load_before:.1f} before, "
+            f"{load_after:.1f} after")
+    return rows, note
+
+
+def ensure_int8_encoder() -> Path:
+    out = OUT / "encoder-int8"
+    if not (out / "manifest.json").exists():
+        subprocess.run([str(Path(sys.executable).parent / "semroute"), "encoder", "export",
+                        "--int8", "--out", str(out)], check=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=Path, default=DATA / "train.csv")
+    parser.add_argument("--queries", type=Path, default=DATA / "test.csv")
+    parser.add_argument("--fast", action="store_true",
+                        help="also measure int8 encoder variants (flat, and HNSW with one encoder "
+                        "thread); the int8 export and its indexes are built under out/")
+    parser.add_argument("--single", type=int, default=1000, help="calls at one client")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of the load phase")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
+                        help="extra server setting, e.g. router_server__workers=1 (repeatable)")
+    args = parser.parse_args()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    queries = read_texts(args.queries)
+    variants = [Variant("default: fp32, flat", ENCODER_DIR)]
+    if args.fast:
+        int8 = ensure_int8_encoder()
+        variants += [
+            Variant("int8, flat", int8),
+            Variant("int8, HNSW32, 1 encoder thread", int8, hnsw=True,
+                    settings=("encoder__threads=1",)),
+        ]
+    results = []
+    for variant in variants:
+        rows, note = run_variant(variant, args, queries)
+        results.append((variant.label, rows, note))
+        print(f"{variant.label}: {note}")
+
+    measures = [(name, target) for name, _, target in results[0][1]]
+    header = ["measure", *[label for label, _, _ in results], "target"]
+    table = [header] + [
+        [name, *[rows[i][1] for _, rows, _ in results], target]
+        for i, (name, target) in enumerate(measures)
+    ]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    print()
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+    if not args.no_write:
+        md = "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in table[1:]]
+        )
+        notes = "\n".join(f"- {label}: {note}." for label, _, note in results)
+        overrides = f"Setting overrides: {', '.join(args.set)}.\n" if args.set else ""
+        command = " ".join(["scripts/bench_grpc.py", *sys.argv[1:]])
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        body = f"""## Router gRPC service (`scripts/bench_grpc.py`)
+
+Command: `.venv/bin/python {command}`, {when}.
+Index: Banking77 train, 10,003 rows (9,999 after exact duplicates are dropped), 77 routes,
+exact (flat) FAISS. Queries: Banking77 test, short customer questions, distinct. Server:
+`semroute serve router` in its own process, default settings (batch_max 32, batch_wait_ms 1,
+2 worker threads, encoder 2 threads) except the embedding cache, turned off so every call runs
+the encoder; INFO logs to a file. Clients: grpc.aio in one process, one channel each, latency
+measured end to end at the client: {args.single} calls at one client, then
+{args.seconds:.0f} s of {args.clients} clients. CPU per call is process CPU time (user + system)
+divided by calls. Extra columns (`--fast`) use `semroute encoder export --int8` and indexes
+built with it (a different encoder fingerprint); the HNSW column builds with
+`index.exact_max` below the row count (HNSW32, efSearch 64) and runs the encoder on one thread
+per worker.
+{overrides}
+{md}
+
+{notes}
+
+Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.
+The 1-minute load average includes this script's own earlier columns; one well above that
+before the first column means other work shared the cores.
+Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
+"""
+        write_section(body)
+        print(f"wrote the grpc section of {DOC.relative_to(ROOT)}")
+    summary = {label: {n: v for n, v, _ in rows} for label, rows, _ in results}
+    (OUT / "result.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
