@@ -1,0 +1,229 @@
+"""``semroute serve dispatcher`` and ``semroute chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(top: Any, groups: dict[str, Any]) -> None:
+    p = groups["serve"].add_parser(
+        "dispatcher",
+        help="serve the dispatcher over gRPC (route, call the LLM, stream tokens back)",
+        description="Serve semroute.v1.Dispatcher: asks the router, calls the chosen backend "
+        "from backends.yaml and streams the answer, failing over before the first token. "
+        "Unset flags fall back to --config, then SEMROUTE_* environment variables, then defaults.",
+    )
+    p.add_argument("--router", default=None, help="router address host:port [127.0.0.1:50051]")
+    p.add_argument(
+        "--backends", type=Path, default=None, help="backends file [deploy/backends.yaml]"
+    )
+    p.add_argument(
+        "--rules",
+        type=Path,
+        default=None,
+        help="rules/PII pre-filter file (default: PII detection only)",
+    )
+    p.add_argument("--host", default=None, help="address to bind [127.0.0.1]")
+    p.add_argument("--port", type=int, default=None, help="gRPC port [50052]; 0 picks a free one")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port [9465]; 0 disables"
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="OpenAI-compatible HTTP door port; 0 (default) leaves it off",
+    )
+    p.add_argument("--router-token", default=None, help="bearer token for the router")
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML settings file")
+    p.set_defaults(handler=_serve_dispatcher)
+
+    c = top.add_parser(
+        "chat",
+        help="send one prompt to a dispatcher and stream the answer",
+        description="Prints the routing decision on the first line, then the answer as it "
+        "streams, then a summary line (target, tokens, cost, time to first token) on stderr.",
+    )
+    c.add_argument("prompt", help="the user message")
+    c.add_argument("--server", default="127.0.0.1:50052", help="dispatcher address [%(default)s]")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--target", default=None, help="force this target (skips the router)")
+    c.add_argument(
+        "--allow", action="append", default=[], metavar="TARGET", help="allowed target (repeatable)"
+    )
+    c.add_argument("--require-local", action="store_true", help="only local backends may answer")
+    c.add_argument("--max-cost", type=float, default=None, help="USD per 1M tokens, blended")
+    c.add_argument("--token", default=None, help="bearer token for the dispatcher")
+    c.add_argument("--tls-ca", type=Path, default=None, help="CA file: connect over TLS")
+    c.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [%(default)s]")
+    c.set_defaults(handler=_chat)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "dispatcher__router": args.router,
+        "dispatcher__backends_file": args.backends,
+        "dispatcher__rules_file": args.rules,
+        "dispatcher__host": args.host,
+        "dispatcher__port": args.port,
+        "dispatcher__metrics_port": args.metrics_port,
+        "dispatcher__http_port": args.http_port,
+        "dispatcher__router_token": args.router_token,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _serve_dispatcher(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from semroute.config import load_settings
+    from semroute.logs import configure_logging
+
+    config = getattr(args, "config", None)
+    settings = load_settings(Path(config) if config else None, **_overrides(args))
+    configure_logging(settings.log)
+    asyncio.run(serve_dispatcher(settings))
+    return 0
+
+
+async def serve_dispatcher(settings: Any, *, stop: Any = None, on_ready: Any = None) -> None:
+    """Run the dispatcher until SIGTERM/SIGINT (or ``stop``, an asyncio.Event, is set).
+
+    ``on_ready(grpc_port, metrics_port, http_port)`` is called once everything listens (0 for
+    what is off). Raises ConfigError/SemrouteError for bad files or ports in use."""
+    from semroute.dispatch_metrics import DispatchMetrics
+    from semroute.dispatcher import build_dispatcher
+    from semroute.errors import SemrouteError
+    from semroute.grpc.dispatcher_service import build_dispatcher_server
+    from semroute.grpc.server_common import serve_until_signalled
+    from semroute.logs import get_logger
+    from semroute.metrics import serve_metrics
+
+    log = get_logger("semroute.cli.dispatch")
+    ds = settings.dispatcher
+    dispatcher = await build_dispatcher(settings, metrics=DispatchMetrics())
+    metrics_server = None
+    door = None
+    built = None
+    try:
+        built = await build_dispatcher_server(settings, dispatcher)
+        if ds.metrics_port:
+            try:
+                metrics_server = serve_metrics(
+                    dispatcher.metrics.registry, ds.metrics_port, ds.host
+                )
+            except OSError as exc:
+                raise SemrouteError(
+                    f"cannot serve metrics on {ds.host}:{ds.metrics_port}: {exc.strerror} "
+                    "(dispatcher.metrics_port / --metrics-port; 0 disables)"
+                ) from exc
+        await built.server.start()
+        # ---- HTTP door hook ----------------------------------------------------------------
+        # The OpenAI-compatible door lives in semroute/http_door.py (owned by the HTTP-door
+        # work); it shares this process's dispatcher and event loop.
+        if ds.http_port:
+            from semroute.http_door import start_http_door
+
+            door = await start_http_door(dispatcher, settings, ds.http_port)
+        # -------------------------------------------------------------------------------------
+        log.info(
+            "dispatcher serving",
+            address=f"{ds.host}:{built.port}",
+            router=ds.router,
+            targets=dispatcher.target_names(),
+            skipped=sorted(dispatcher.backends.skipped),
+            metrics_port=metrics_server.port if metrics_server else 0,
+            http_port=door.port if door is not None else 0,
+        )
+        print(f"dispatcher listening on {ds.host}:{built.port}", flush=True)
+        if on_ready is not None:
+            on_ready(
+                built.port,
+                metrics_server.port if metrics_server else 0,
+                door.port if door is not None else 0,
+            )
+        await serve_until_signalled(
+            built.server, grace_s=ds.grace_s, health_servicer=built.health, stop=stop
+        )
+    finally:
+        if door is not None:
+            await door.stop()
+        if built is not None:
+            await built.server.stop(0)  # no-op after a graceful stop; else stops at once
+        if metrics_server is not None:
+            metrics_server.close()
+        await dispatcher.aclose()
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from semroute.types import ChatRequest, GenerationParams, Message, RoutingOverrides
+
+    messages = []
+    if args.system:
+        messages.append(Message("system", args.system))
+    messages.append(Message("user", args.prompt))
+    req = ChatRequest(
+        messages=tuple(messages),
+        params=GenerationParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+        ),
+        overrides=RoutingOverrides(
+            force_target=args.target,
+            allowed_targets=tuple(args.allow),
+            require_local=args.require_local,
+            max_cost=args.max_cost,
+        ),
+    )
+    return asyncio.run(_chat_async(args, req))
+
+
+def decision_line(event: Any) -> str:
+    """The one-line summary ``semroute chat`` prints before the answer."""
+    chain = " > ".join(event.chain)
+    fb = " fallback" if event.fallback else ""
+    return (
+        f"[route={event.route} target={event.target} confidence={event.confidence:.2f}{fb} "
+        f"chain={chain}] {event.reason}"
+    )
+
+
+async def _chat_async(args: argparse.Namespace, req: Any) -> int:
+    from semroute.dispatch_client import DispatcherClient
+    from semroute.errors import StreamInterrupted
+    from semroute.types import DecisionEvent, DeltaEvent, DoneEvent
+
+    out = sys.stdout
+    streamed = False
+    async with DispatcherClient(args.server, token=args.token, tls_ca=args.tls_ca) as client:
+        try:
+            async for event in client.chat(req, timeout=args.timeout):
+                if isinstance(event, DecisionEvent):
+                    print(decision_line(event), file=out, flush=True)
+                elif isinstance(event, DeltaEvent):
+                    out.write(event.text)
+                    out.flush()
+                    streamed = True
+                elif isinstance(event, DoneEvent):
+                    if streamed:
+                        out.write("\n")
+                    print(
+                        f"[done target={event.target} finish={event.finish_reason} "
+                        f"tokens={event.prompt_tokens}+{event.completion_tokens} "
+                        f"cost=${event.cost_usd:.6f} ttft={event.ttft_s * 1000:.0f}ms "
+                        f"attempts={event.attempts}]",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        except StreamInterrupted:
+            if streamed:
+                out.write("\n")
+            raise
+    return 0

@@ -1,0 +1,1 @@
+"""Test helpers shipped with semroute (real loopback servers, no mocks)."""
