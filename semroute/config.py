@@ -8,7 +8,7 @@ Sources, highest priority first: explicit keyword arguments (CLI flags), environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -59,6 +59,12 @@ class IndexSettings(BaseModel):
         "HNSW32", description="FAISS factory string for larger indexes (inner product)"
     )
     hnsw_ef_search: int = Field(64, ge=1)
+    projection: Literal["none", "learned"] = Field(
+        "none",
+        description="labelled indexes: 'learned' fits a linear projection on the exemplars at "
+        "build time (stored in the index, applied to queries before the FAISS lookup)",
+    )
+    projection_epochs: int = Field(10, ge=1, description="training epochs of the projection")
 
 
 class LimitSettings(BaseModel):
@@ -109,6 +115,11 @@ class DispatcherSettings(BaseModel):
     router_tls_ca: Path | None = Field(None, description="CA file: reach the router over TLS")
     router_timeout_s: float = Field(5.0, gt=0, description="deadline of each router call")
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+    route_max_chars: int = Field(
+        2048, ge=1, description="characters of each user turn sent to the router (the encoder "
+        "reads about 256 tokens anyway): long prompts are routed on their beginning"
+    )
+    route_history_turns: int = Field(8, ge=0, description="earlier user turns sent to the router")
 
 
 class LogSettings(BaseModel):

@@ -10,6 +10,8 @@ Layout of an index root::
         index.faiss       inner-product FAISS index over L2-normalised embeddings (= cosine)
         exemplars.jsonl   one exemplar per line (text, label, weight, source), row i = FAISS id i
         scores.npy        outcome exemplars only: (n, targets) float32, NaN = unknown
+        projection.npy    optional learned projection (d, d') applied to every vector before
+                          FAISS (see semroute.projection); index.faiss holds projected vectors
 
 A build validates every input before writing anything, writes a new version directory, and only
 then moves ``current``; a failed build leaves the serving index as it was.
@@ -43,6 +45,7 @@ MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 EXEMPLARS_FILE = "exemplars.jsonl"
 SCORES_FILE = "scores.npy"
+PROJECTION_FILE = "projection.npy"
 CURRENT = "current"
 
 
@@ -58,8 +61,10 @@ class ExemplarIndex:
         labels: npt.NDArray[np.str_],
         weights: npt.NDArray[np.float32],
         scores: npt.NDArray[np.float32] | None,
+        projection: npt.NDArray[np.float32] | None = None,
     ) -> None:
         self.path = path
+        self.projection = projection
         self.manifest = manifest
         self._faiss = faiss_index
         self.texts = texts
@@ -106,6 +111,10 @@ class ExemplarIndex:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Top-k by cosine similarity. Returns (sims, ids), both (n, k); missing slots have id -1."""
         k = min(k, self.size)
+        if self.projection is not None:
+            from semroute.projection import apply_projection
+
+            vectors = apply_projection(vectors, self.projection)
         sims, ids = self._faiss.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return sims, ids
 
@@ -159,7 +168,19 @@ class ExemplarIndex:
                 f"{version_dir}: manifest says {count} exemplars but the files hold "
                 f"{faiss_index.ntotal} vectors / {len(texts)} rows; rebuild the index"
             )
-        if faiss_index.d != int(manifest["encoder"]["dimension"]):
+        projection = None
+        expected_d = int(manifest["encoder"]["dimension"])
+        if manifest.get("projection"):
+            projection = np.load(version_dir / PROJECTION_FILE, allow_pickle=False).astype(
+                np.float32
+            )
+            if projection.ndim != 2 or projection.shape[0] != expected_d:
+                raise CorruptIndex(
+                    f"{version_dir}/{PROJECTION_FILE}: shape {projection.shape} does not fit "
+                    f"encoder dimension {expected_d}; rebuild the index"
+                )
+            expected_d = projection.shape[1]
+        if faiss_index.d != expected_d:
             raise CorruptIndex(f"{version_dir}: FAISS dimension {faiss_index.d} != manifest")
         if hasattr(faiss_index, "hnsw"):
             faiss_index.hnsw.efSearch = int(manifest["faiss"].get("ef_search", 64))
@@ -171,6 +192,7 @@ class ExemplarIndex:
             np.asarray(labels, dtype=np.str_),
             np.asarray(weights, dtype=np.float32),
             scores,
+            projection,
         )
 
 
@@ -293,6 +315,9 @@ def build_index(
     texts = [e.text for e in exemplar_set.exemplars]
     vectors = _embed_with_progress(encoder, texts, batch_size, progress)
     embed_s = time.perf_counter() - started
+    projection = None
+    if settings.projection == "learned" and exemplar_set.kind is ExemplarKind.LABELLED:
+        projection = learn_projection(vectors, exemplar_set, settings, progress)
     return write_version(
         out_root,
         exemplar_set,
@@ -302,7 +327,28 @@ def build_index(
         settings=settings,
         encoder_path=encoder_path,
         stats={"embed_seconds": round(embed_s, 3)},
+        projection=projection,
     )
+
+
+def learn_projection(
+    vectors: Vectors, exemplar_set: ExemplarSet, settings: IndexSettings, progress: bool = True
+) -> npt.NDArray[np.float32] | None:
+    """Fit the learned projection on a labelled set (None with fewer than two routes)."""
+    from semroute.projection import ProjectionParams, fit_projection
+
+    labels = [e.label for e in exemplar_set.exemplars]
+    if len(set(labels)) < 2:
+        return None
+    started = time.perf_counter()
+    matrix = fit_projection(vectors, labels, ProjectionParams(epochs=settings.projection_epochs))
+    if progress:
+        print(
+            f"learned projection on {len(labels)} exemplars in "
+            f"{time.perf_counter() - started:.1f}s",
+            file=sys.stderr,
+        )
+    return matrix
 
 
 def _embed_with_progress(
@@ -334,14 +380,23 @@ def write_version(
     settings: IndexSettings,
     encoder_path: Path | None = None,
     stats: dict[str, Any] | None = None,
+    projection: npt.NDArray[np.float32] | None = None,
 ) -> Path:
-    """Write an index version from already-computed vectors and switch ``current`` to it."""
+    """Write an index version from already-computed vectors and switch ``current`` to it.
+
+    With ``projection`` (d, d'), FAISS holds the projected vectors and the matrix is stored
+    alongside so queries are projected the same way.
+    """
     import faiss
 
     n, dimension = vectors.shape
+    if projection is not None:
+        from semroute.projection import apply_projection
+
+        vectors = apply_projection(vectors, projection)
     exact = n <= settings.exact_max
     factory = "Flat" if exact else settings.approx_factory
-    index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(vectors)
     if hasattr(index, "hnsw"):
@@ -381,6 +436,9 @@ def write_version(
         files = [FAISS_FILE, EXEMPLARS_FILE] + (
             [SCORES_FILE] if exemplar_set.kind is ExemplarKind.OUTCOMES else []
         )
+        if projection is not None:
+            np.save(tmp / PROJECTION_FILE, projection.astype(np.float32), allow_pickle=False)
+            files.append(PROJECTION_FILE)
         label_counts: dict[str, int] = {}
         for e in exemplar_set.exemplars:
             if e.label:
@@ -406,6 +464,11 @@ def write_version(
                 "exact": exact,
                 "ef_search": settings.hnsw_ef_search,
             },
+            "projection": (
+                {"file": PROJECTION_FILE, "method": "learned", "dimension": projection.shape[1]}
+                if projection is not None
+                else None
+            ),
             "score_targets": list(exemplar_set.targets),
             "target_means": target_means,
             "route_table": _route_table_to_json(table),

@@ -1,0 +1,72 @@
+"""Threshold choice for a target precision or coverage, globally and per route (hand-computed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from semroute.calibrate import (
+    choose_thresholds,
+    threshold_for_coverage,
+    threshold_for_precision,
+)
+from semroute.errors import ConfigError
+
+
+def test_precision_target_picks_the_lowest_threshold_that_reaches_it() -> None:
+    """Sorted confidences 0.9 ok, 0.8 ok, 0.7 wrong, 0.6 ok: precision 1, 1, 2/3, 3/4.
+    For 0.75 the lowest threshold is 0.6 (3/4 answered right, all covered)."""
+    conf = [0.9, 0.8, 0.7, 0.6]
+    ok = [1, 1, 0, 1]
+    p = threshold_for_precision(conf, ok, 0.75)
+    assert p is not None and p.threshold == pytest.approx(0.6) and p.coverage == 1.0
+    p = threshold_for_precision(conf, ok, 0.9)
+    assert p is not None and p.threshold == pytest.approx(0.8)
+    assert p.precision == 1.0 and p.coverage == 0.5
+
+
+def test_precision_target_out_of_reach_gives_none() -> None:
+    """When even the most confident answer is wrong nothing reaches the target."""
+    assert threshold_for_precision([0.9, 0.5], [0, 1], 0.6) is None
+
+
+def test_precision_threshold_never_splits_tied_confidences() -> None:
+    """Two rows share 0.8 (one right, one wrong): a threshold takes both or neither."""
+    p = threshold_for_precision([0.9, 0.8, 0.8], [1, 1, 0], 0.9)
+    assert p is not None and p.threshold == pytest.approx(0.9) and p.coverage == pytest.approx(1 / 3)
+
+
+def test_coverage_target_answers_at_least_that_share() -> None:
+    """Covering half of four rows sets the threshold at the second highest confidence."""
+    p = threshold_for_coverage([0.2, 0.9, 0.5, 0.7], 0.5)
+    assert p.threshold == pytest.approx(0.7) and p.coverage == 0.5
+    assert threshold_for_coverage([0.2, 0.9, 0.5, 0.7], 1.0).threshold == pytest.approx(0.2)
+
+
+def test_per_route_thresholds_follow_each_routes_rows() -> None:
+    """Route a is clean and gets a low threshold; route b needs a higher one; route c has too
+    few rows and keeps the global threshold."""
+    predicted = ["a"] * 4 + ["b"] * 4 + ["c"]
+    conf = [0.9, 0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6, 0.5]
+    ok = [1, 1, 1, 1, 1, 1, 0, 0, 1]
+    cal = choose_thresholds(predicted, conf, ok, precision=0.9, per_route=True, min_rows=3)
+    assert cal.per_route["a"] == pytest.approx(0.6)
+    assert cal.per_route["b"] == pytest.approx(0.8)
+    assert "c" not in cal.per_route and "c" in cal.skipped
+    # global: sorted 0.9,0.9,0.8,0.8 ok (4/4), 0.7 one of two wrong (5/6), so 0.8
+    assert cal.global_threshold == pytest.approx(0.8)
+
+
+def test_exactly_one_goal_and_a_valid_target_are_required() -> None:
+    """Neither or both goals, or a target outside (0, 1], is a ConfigError saying so."""
+    with pytest.raises(ConfigError, match="exactly one"):
+        choose_thresholds(["a"], [0.5], [1])
+    with pytest.raises(ConfigError, match="exactly one"):
+        choose_thresholds(["a"], [0.5], [1], precision=0.9, coverage=0.5)
+    with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
+        choose_thresholds(["a"], [0.5], [1], coverage=1.5)
+
+
+def test_unreachable_global_precision_names_the_best_reachable() -> None:
+    """The error tells the user what precision is reachable so they can lower the target."""
+    with pytest.raises(ConfigError, match=r"best: 0\.000"):
+        choose_thresholds(["a", "a"], [0.9, 0.5], [0, 1], precision=0.6)
