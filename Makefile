@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python scripts/bench_route.py
 	$(BIN)/python scripts/bench_grpc.py
 	$(BIN)/python scripts/bench_dispatch.py
+	$(BIN)/python scripts/bench_http_door.py
 
 eval: setup
 	$(BIN)/python scripts/evaluate.py

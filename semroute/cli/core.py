@@ -29,6 +29,12 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--encoder", type=Path, default=None, help="exported encoder directory")
     p.add_argument("--out", type=Path, required=True, help="index root (DIR/current is switched)")
     p.add_argument("--factory", default=None, help="FAISS factory string for large indexes")
+    p.add_argument(
+        "--projection",
+        choices=["none", "learned"],
+        default=None,
+        help="labelled sets: fit a linear projection on the exemplars (see docs/EVAL.md)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_build)
 
@@ -70,6 +76,8 @@ def _build(args: argparse.Namespace) -> int:
     index_settings = settings.index
     if args.factory:
         index_settings = index_settings.model_copy(update={"approx_factory": args.factory})
+    if args.projection:
+        index_settings = index_settings.model_copy(update={"projection": args.projection})
     encoder_path = args.encoder or settings.encoder.path
     encoder = OnnxEncoder.load(encoder_path, threads=settings.encoder.threads)
     started = time.perf_counter()
