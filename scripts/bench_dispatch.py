@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import httpx
 
 from semroute.dispatch_client import DispatcherClient
@@ -44,8 +45,6 @@ from semroute.types import ChatRequest, DeltaEvent, GenerationParams, Message, R
 ROOT = Path(__file__).resolve().parents[1]
 INDEX_DIR = ROOT / "index_data" / "build" / "default"
 ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench:dispatch -->", "<!-- /bench:dispatch -->"
 PROMPT = "Write a short poem about autumn leaves"
 TARGET_P50_MS = 3.0
 
@@ -271,19 +270,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        before, rest = old.split(BEGIN, 1)
-        _, after = rest.split(END, 1)
-        new = before + section + after
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(new)
-
-
 async def main_async(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     procs: list[Proc] = []
     rows: list[dict[str, Any]] = []
@@ -410,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Target: p50 <= {TARGET_P50_MS:g} ms for the dispatch path — "
             f"{'met' if verdict else 'not met'}.\n\n" + text
         )
-        write_section(note)
-        print(f"wrote the bench:dispatch section of {DOC}")
+        benchlib.write_section("dispatch", note)
     return 0
 
 

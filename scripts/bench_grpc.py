@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchlib
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
 OUT = ROOT / "out" / "bench_grpc"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench:grpc -->", "<!-- /bench:grpc -->"
 
 
 def read_texts(path: Path) -> list[str]:
@@ -62,7 +62,8 @@ def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = Fal
         print(f"index: reusing {root} (built from {train.name})")
         return root
     start = time.perf_counter()
-    settings = IndexSettings(exact_max=1) if hnsw else None
+    # Explicit either way: the default switches to HNSW above index.exact_max (5,000).
+    settings = IndexSettings(exact_max=1) if hnsw else IndexSettings(exact_max=10**9)
     build_index([train], root, encoder, progress=False, encoder_path=encoder_dir,
                 settings=settings)
     stamp.write_text(source)
@@ -186,19 +187,6 @@ def scrape(metrics_port: int) -> dict[str, float]:
     return wanted
 
 
-def write_section(body: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by its script.\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
-
-
 @dataclass(frozen=True)
 class Variant:
     label: str
@@ -301,7 +289,10 @@ def main() -> int:
 
     OUT.mkdir(parents=True, exist_ok=True)
     queries = read_texts(args.queries)
-    variants = [Variant("default: fp32, flat", ENCODER_DIR)]
+    variants = [
+        Variant("fp32, HNSW32 (defaults)", ENCODER_DIR, hnsw=True),
+        Variant("fp32, exact flat", ENCODER_DIR),
+    ]
     if args.fast:
         int8 = ensure_int8_encoder()
         variants += [
@@ -359,8 +350,7 @@ The 1-minute load average includes this script's own earlier columns; one well a
 before the first column means other work shared the cores.
 Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
 """
-        write_section(body)
-        print(f"wrote the grpc section of {DOC.relative_to(ROOT)}")
+        benchlib.write_section("grpc", body)
     summary = {label: {n: v for n, v, _ in rows} for label, rows, _ in results}
     (OUT / "result.json").write_text(json.dumps(summary, indent=2))
     return 0

@@ -7,12 +7,13 @@ Sources, highest priority first: explicit keyword arguments (CLI flags), environ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from semroute.errors import ConfigError
 
@@ -52,8 +53,11 @@ class DecisionSettings(BaseModel):
 
 
 class IndexSettings(BaseModel):
+    # A flat search reads every vector per query (15 MB at 10k x 384 fp32, past the CPU caches):
+    # ~0.8 ms at 10k here, while HNSW visits a few hundred vectors. On Banking77 (10k) HNSW32
+    # with efSearch 64 gave 0.9237 vs 0.9240 exact (scripts/bench_route.py, docs/BENCHMARKS.md).
     exact_max: int = Field(
-        50_000, ge=1, description="up to this many exemplars the index is exact (flat)"
+        5_000, ge=1, description="up to this many exemplars the index is exact (flat)"
     )
     approx_factory: str = Field(
         "HNSW32", description="FAISS factory string for larger indexes (inner product)"
@@ -73,12 +77,25 @@ class LimitSettings(BaseModel):
     max_batch: int = Field(256, ge=1, description="queries per RouteBatch call")
 
 
+def _split_commas(value: Any) -> Any:
+    # SEMROUTE_AUTH__TOKENS=a,b is how operators write lists in env files; JSON lists also work.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+TokenList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+
+
 class AuthSettings(BaseModel):
     """Bearer tokens. Tokens come from env (comma-separated) or files (one per line)."""
 
-    tokens: list[str] = Field(default_factory=list)
+    tokens: TokenList = Field(default_factory=list)
     tokens_file: Path | None = None
-    admin_tokens: list[str] = Field(default_factory=list)
+    admin_tokens: TokenList = Field(default_factory=list)
     admin_tokens_file: Path | None = None
 
 
@@ -168,6 +185,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         # Environment beats the file and explicit overrides beat both, so merge by hand.
         merged = _merge(_merge(data, _explicit(Settings())), explicit)
         return Settings(**merged)
+    except SettingsError as exc:
+        raise ConfigError(f"invalid SEMROUTE_* environment variable: {exc}") from exc
     except ValidationError as exc:
         where = f"{config_file}: " if config_file else ""
         lines = [f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]

@@ -83,28 +83,51 @@ class OnnxEncoder:
         return len(self._tokenizer.encode(text).ids)
 
     def encode(self, texts: Sequence[str]) -> Vectors:
-        """Embed texts; returns float32 (len(texts), dimension), each row L2-normalised."""
+        """Embed texts; returns float32 (len(texts), dimension), each row L2-normalised.
+
+        A batch is run as sub-batches of similar token length: the model is compute-bound, so
+        every padding token costs as much as a real one (random batches of 32 Banking77 queries
+        ran at about half the speed of length-sorted ones).
+        """
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(list(texts))
-        longest = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), longest), dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            n = len(enc.ids)
-            ids[row, :n] = enc.ids
-            mask[row, :n] = 1
+            return out
+        token_ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        for rows in _similar_length_groups([len(t) for t in token_ids]):
+            out[rows] = self._run([token_ids[i] for i in rows])
+        return out
+
+    def _run(self, token_ids: list[list[int]]) -> Vectors:
+        longest = max(len(t) for t in token_ids)
+        ids = np.full((len(token_ids), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for row, tokens in enumerate(token_ids):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
         (out,) = self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.asarray(out, dtype=np.float32)
 
     def encode_sorted(self, texts: Sequence[str], batch_size: int = 64) -> Vectors:
-        """Embed many texts in batches of similar length (less padding); order is preserved."""
+        """Embed many texts, ``batch_size`` at a time (bounded memory); order is preserved."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             out[chunk] = self.encode([texts[i] for i in chunk])
         return out
+
+
+def _similar_length_groups(lengths: list[int], max_size: int = 64) -> list[list[int]]:
+    """Row indices grouped so that padding stays small: sorted by length, a new group starts
+    when a row is over 1.25x (+2 tokens) the group's shortest, or the group is full."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < max_size and lengths[i] <= 1.25 * lengths[groups[-1][0]] + 2:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class CachedEncoder:
