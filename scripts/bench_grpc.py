@@ -329,17 +329,17 @@ def main() -> int:
         body = f"""## Router gRPC service (`scripts/bench_grpc.py`)
 
 Command: `.venv/bin/python {command}`, {when}.
-Index: Banking77 train, 10,003 rows (9,999 after exact duplicates are dropped), 77 routes,
-exact (flat) FAISS. Queries: Banking77 test, short customer questions, distinct. Server:
+Index: Banking77 train, 10,003 rows (9,999 after exact duplicates are dropped), 77 routes;
+HNSW32 (efSearch 64, the default above 5,000 exemplars) or exact flat, as each column says.
+Queries: Banking77 test, short customer questions, distinct. Server:
 `semroute serve router` in its own process, default settings (batch_max 32, batch_wait_ms 1,
 2 worker threads, encoder 2 threads) except the embedding cache, turned off so every call runs
 the encoder; INFO logs to a file. Clients: grpc.aio in one process, one channel each, latency
 measured end to end at the client: {args.single} calls at one client, then
 {args.seconds:.0f} s of {args.clients} clients. CPU per call is process CPU time (user + system)
 divided by calls. Extra columns (`--fast`) use `semroute encoder export --int8` and indexes
-built with it (a different encoder fingerprint); the HNSW column builds with
-`index.exact_max` below the row count (HNSW32, efSearch 64) and runs the encoder on one thread
-per worker.
+built with it (a different encoder fingerprint); the last column also runs the encoder on
+one thread per worker.
 {overrides}
 {md}
 
