@@ -26,6 +26,7 @@ from semroute.errors import SemrouteError, grpc_status_name
 from semroute.grpc.server_common import (
     TokenSet,
     add_health_and_reflection,
+    bind_port,
     server_credentials,
     set_serving,
     standard_interceptors,
@@ -223,17 +224,7 @@ async def build_dispatcher_server(
     pb_grpc.add_DispatcherServicer_to_server(  # type: ignore[no-untyped-call]
         DispatcherServicer(dispatcher), server
     )
-    address = f"{host}:{port}"
-    try:
-        bound = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError as exc:
-        raise SemrouteError(f"cannot listen on {address} (dispatcher.port): {exc}") from exc
-    if bound == 0:
-        raise SemrouteError(f"cannot listen on {address} (dispatcher.port): address in use")
+    bound = bind_port(server, f"{host}:{port}", credentials, "dispatcher.port")
     await set_serving(health_servicer, [SERVICE_NAME], True)
     log.info("dispatcher server created", address=f"{host}:{bound}", tls=credentials is not None)
     return DispatcherServer(server, bound, health_servicer)

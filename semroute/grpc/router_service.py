@@ -45,6 +45,7 @@ from semroute.grpc import convert
 from semroute.grpc.server_common import (
     TokenSet,
     add_health_and_reflection,
+    bind_port,
     server_credentials,
     set_serving,
     standard_interceptors,
@@ -521,22 +522,11 @@ async def create_router_server(
     pb_grpc.add_RouterServicer_to_server(  # type: ignore[no-untyped-call]
         RouterServicer(handle), server
     )
-    address = f"{host}:{port}"
     try:
-        bound = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError as exc:
+        bound = bind_port(server, f"{host}:{port}", credentials, "router_server.port")
+    except SemrouteError:
         executor.shutdown(wait=False)
-        raise SemrouteError(
-            f"cannot listen on {address}: {str(exc).split(';')[0]} (port in use? choose another "
-            "with --port / router_server.port)"
-        ) from exc
-    if bound == 0:
-        executor.shutdown(wait=False)
-        raise SemrouteError(f"cannot listen on {address}: address in use or not available")
+        raise
     handle.coalescer.start()
     log.info("router server created", address=f"{host}:{bound}", tls=credentials is not None,
              mtls=settings.tls.client_ca_file is not None, auth=tokens.enabled)

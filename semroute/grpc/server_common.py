@@ -42,7 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from semroute.config import AuthSettings, TlsSettings
-from semroute.errors import ConfigError
+from semroute.errors import ConfigError, SemrouteError
 from semroute.logs import (
     REQUEST_ID_HEADER,
     bind_request_id,
@@ -391,6 +391,35 @@ def channel_credentials(
         private_key=_read_file(key_file, "tls_key"),
         certificate_chain=_read_file(cert_file, "tls_cert"),
     )
+
+
+def bind_port(
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    setting: str,
+) -> int:
+    """Listen on ``address`` (TLS when ``credentials``); returns the bound port.
+
+    A port that cannot be bound raises SemrouteError naming the address and the setting
+    (``setting``, e.g. ``router_server.port``) to change.
+    """
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise SemrouteError(
+            f"cannot listen on {address}: {str(exc).split(';')[0]} (port in use? choose another "
+            f"with --port / {setting})"
+        ) from exc
+    if bound == 0:
+        raise SemrouteError(
+            f"cannot listen on {address}: address in use or not available (set {setting})"
+        )
+    return int(bound)
 
 
 async def add_health_and_reflection(
