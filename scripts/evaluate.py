@@ -9,7 +9,8 @@ embeds nothing; the routing itself always goes through the real index and decisi
 
 Decision settings for the outcome sets (k, temperature, shrinkage) are chosen by 5-fold
 cross-validation on the *training* exemplars only, with the core's own `predict_quality`;
-the test rows are used once, for the reported figures.
+the test rows are used once, for the reported figures. For LLMRouter a second CV stage, given
+those three, chooses the hierarchical local step (local_k, local_shrinkage; local_k=0 is off).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ GRID = {
     "temperature": (0.02, 0.05, 0.1, 0.3, 1.0),
     "shrinkage": (1.0, 3.0, 10.0),
 }
+# Second stage, given the chosen k/temperature/shrinkage: the closest local_k neighbours shrunk
+# toward the whole neighbourhood's estimate (decision.predict_quality_local); 0 = off.
+LOCAL_GRID = {
+    "local_k": (0, 10, 20, 40),
+    "local_shrinkage": (10.0, 30.0, 100.0, 300.0),
+}
 
 
 def log(msg: str) -> None:
@@ -92,13 +99,14 @@ def make_router(encoder: Any, index_root: Path, **decision: float) -> Router:
 
 def cv_predictions(
     vectors: np.ndarray, scores: np.ndarray, k: int, temperature: float, shrinkage: float,
-    folds: int = 5,
+    folds: int = 5, local_k: int = 0, local_shrinkage: float = 100.0,
 ) -> np.ndarray:
     """Out-of-fold predicted quality for every training row, through decision.predict_quality."""
     n = len(vectors)
     fold = np.random.default_rng(0).permutation(n) % folds
     out = np.zeros_like(scores)
-    params = DecisionParams(temperature=temperature, shrinkage=shrinkage)
+    params = DecisionParams(temperature=temperature, shrinkage=shrinkage, local_k=local_k,
+                            local_shrinkage=local_shrinkage)
     ones = np.ones(n, dtype=np.float32)
     for f in range(folds):
         train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
@@ -113,23 +121,48 @@ def cv_predictions(
     return out
 
 
+def cv_objective(pred: np.ndarray, scores: np.ndarray, costs: np.ndarray, objective: str) -> float:
+    if objective == "apgr":
+        return apgr(pgr_curve(pred[:, 1] - pred[:, 0], scores[:, 0], scores[:, 1]))
+    sweep = cost_quality_sweep(pred, scores, costs)
+    return aiq(sweep, (float(costs.min()), float(costs.max())))
+
+
 def select_settings(
-    vectors: np.ndarray, scores: np.ndarray, costs: np.ndarray, objective: str
+    vectors: np.ndarray, scores: np.ndarray, costs: np.ndarray, objective: str,
+    local: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """The grid point with the best cross-validated objective ("aiq" or "apgr")."""
+    """The grid point with the best cross-validated objective ("aiq" or "apgr").
+
+    With ``local``, a second stage keeps the chosen k/temperature/shrinkage and picks
+    local_k/local_shrinkage on the same folds; the local step is used only if it strictly beats
+    the chosen point without it.
+    """
     results = []
     for k in GRID["k"]:
         for t in GRID["temperature"]:
             for m in GRID["shrinkage"]:
                 pred = cv_predictions(vectors, scores, k, t, m)
-                if objective == "apgr":
-                    value = apgr(pgr_curve(pred[:, 1] - pred[:, 0], scores[:, 0], scores[:, 1]))
-                else:
-                    sweep = cost_quality_sweep(pred, scores, costs)
-                    value = aiq(sweep, (float(costs.min()), float(costs.max())))
+                value = cv_objective(pred, scores, costs, objective)
                 results.append({"k": k, "temperature": t, "shrinkage": m, objective: value})
     best = max(results, key=lambda r: r[objective])
     chosen = {"k": best["k"], "temperature": best["temperature"], "shrinkage": best["shrinkage"]}
+    if local:
+        base = {**best, "local_k": 0}
+        stage = [base]
+        for lk in LOCAL_GRID["local_k"][1:]:
+            if lk >= chosen["k"]:
+                continue
+            for lm in LOCAL_GRID["local_shrinkage"]:
+                pred = cv_predictions(vectors, scores, int(chosen["k"]), chosen["temperature"],
+                                      chosen["shrinkage"], local_k=lk, local_shrinkage=lm)
+                value = cv_objective(pred, scores, costs, objective)
+                stage.append({**chosen, "local_k": lk, "local_shrinkage": lm, objective: value})
+        results += stage[1:]
+        top = max(stage, key=lambda r: r[objective])  # the first (off) wins ties
+        if top["local_k"]:
+            chosen = {**chosen, "local_k": top["local_k"],
+                      "local_shrinkage": top["local_shrinkage"]}
     return chosen, results
 
 
@@ -221,7 +254,8 @@ def banking77_calibrated(encoder: Any, precision: float = 0.97) -> tuple[Report,
 
 
 def outcomes(
-    encoder: Any, name: str, train: Path, test: Path, prices_file: Path, objective: str
+    encoder: Any, name: str, train: Path, test: Path, prices_file: Path, objective: str,
+    local: bool = False,
 ) -> tuple[Report, dict[str, float], list[dict[str, float]]]:
     out = fresh(OUT / name)
     prices = read_targets(prices_file)
@@ -234,7 +268,7 @@ def outcomes(
     vectors = encoder.encode(texts)
     costs = np.array([prices[t].cost for t in targets])
     log(f"{name}: choosing k/temperature/shrinkage by 5-fold CV on the exemplars ({objective})")
-    chosen, grid = select_settings(vectors, scores, costs, objective)
+    chosen, grid = select_settings(vectors, scores, costs, objective, local)
     log(f"{name}: chose {chosen}; evaluating on the test rows")
     router = make_router(encoder, out / "index", **chosen)
     report = evaluate_outcomes(router, test, out / "report", prices)
@@ -291,6 +325,42 @@ def attributions() -> str:
 
 def fmt(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def local_settings(chosen: dict[str, float]) -> str:
+    if not chosen.get("local_k"):
+        return ", local_k=0 (off)"
+    return f", local_k={chosen['local_k']}, local_shrinkage={chosen['local_shrinkage']}"
+
+
+def local_env(chosen: dict[str, float]) -> str:
+    if not chosen.get("local_k"):
+        return ""
+    return (f"SEMROUTE_DECISION__LOCAL_K={chosen['local_k']} "
+            f"SEMROUTE_DECISION__LOCAL_SHRINKAGE={chosen['local_shrinkage']} \\\n    ")
+
+
+def local_note(report: dict[str, Any]) -> list[str]:
+    """How the second CV stage (local_k, local_shrinkage) was chosen, with its CV AIQ."""
+    grid = report.get("selection", {}).get("grid", [])
+    stage = [r for r in grid if "local_k" in r]
+    if not stage:
+        return []
+    off = max((r["aiq"] for r in grid if "local_k" not in r), default=float("nan"))
+    best = max(stage, key=lambda r: r["aiq"])
+    ks = ", ".join(str(k) for k in LOCAL_GRID["local_k"])
+    ms = ", ".join(f"{m:g}" for m in LOCAL_GRID["local_shrinkage"])
+    return [
+        "",
+        "A second CV stage on the same folds, with those three fixed, tries the hierarchical",
+        f"local step: local_k in ({ks}) x local_shrinkage in ({ms}).",
+        "With local_k = n the n closest neighbours' weighted mean is shrunk, with local_shrinkage",
+        "pseudo-neighbours, toward the estimate from all k neighbours (itself shrunk toward the",
+        "global mean) rather than straight toward the global mean",
+        "(`decision.predict_quality_local`); it is used only if it strictly beats local_k = 0.",
+        f"CV AIQ: {off:.4f} without it, {best['aiq']:.4f} with local_k={best['local_k']}, "
+        f"local_shrinkage={best['local_shrinkage']:g}.",
+    ]
 
 
 def missed_note(proj: dict[str, Any], lr: dict[str, Any], mm: dict[str, Any]) -> list[str]:
@@ -413,12 +483,14 @@ def write_doc(b77: dict[str, Report], calibrated: tuple[Report, Any],
         "Train split (5,608 prompts, a quality score per model for 9 models) as exemplars; test",
         "split (500 prompts) as queries; prices from `models.csv` (blended USD per 1M tokens).",
         f"Decision settings chosen by 5-fold cross-validation of AIQ on the train split: "
-        f"k={lr_set['k']}, temperature={lr_set['temperature']}, shrinkage={lr_set['shrinkage']}.",
+        f"k={lr_set['k']}, temperature={lr_set['temperature']}, shrinkage={lr_set['shrinkage']}"
+        f"{local_settings(lr_set)}.",
+        *local_note(lr),
         "",
         "```sh",
         "semroute index build --exemplars ../shared/data/llmrouter/train.csv \\",
         "    --targets ../shared/data/llmrouter/models.csv --out out/eval/llmrouter/index",
-        "semroute eval outcomes --index out/eval/llmrouter/index \\",
+        f"{local_env(lr_set)}semroute eval outcomes --index out/eval/llmrouter/index \\",
         "    --test ../shared/data/llmrouter/test.csv --targets ../shared/data/llmrouter/models.csv \\",
         f"    --k {lr_set['k']} --temperature {lr_set['temperature']} "
         f"--shrinkage {lr_set['shrinkage']} --out out/eval/llmrouter/report",
@@ -509,7 +581,7 @@ def main() -> int:
     calibrated = banking77_calibrated(encoder)
     llm_data = DATA / "llmrouter"
     llm = outcomes(encoder, "llmrouter", llm_data / "train.csv", llm_data / "test.csv",
-                   llm_data / "models.csv", "aiq")
+                   llm_data / "models.csv", "aiq", local=True)
     mtrain, mtest, mprices = mmlu_split()
     mm = outcomes(encoder, "mmlu", mtrain, mtest, mprices, "apgr")
     encoder.save()

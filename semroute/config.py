@@ -24,6 +24,11 @@ DEFAULT_INDEX_DIR = Path("index_data/build/default")
 class EncoderSettings(BaseModel):
     path: Path = DEFAULT_ENCODER_DIR
     threads: int = Field(2, ge=1, description="onnxruntime intra-op threads")
+    spin: bool = Field(
+        True,
+        description="onnxruntime worker threads spin-wait between runs (lower latency when idle; "
+        "off leaves the CPU to other threads under load)",
+    )
     batch_size: int = Field(64, ge=1, description="texts per encoder batch when building")
     cache_size: int = Field(4096, ge=0, description="LRU cache of query embeddings (0 = off)")
 
@@ -41,6 +46,16 @@ class DecisionSettings(BaseModel):
     )
     cost_weight: float = Field(
         0.0, ge=0, description="outcomes: utility = quality - cost_weight * cost / max cost"
+    )
+    local_k: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="outcomes: the closest local_k of the k neighbours are shrunk toward the "
+        "whole neighbourhood's estimate (0 = off)",
+    )
+    local_shrinkage: float = Field(
+        100.0, ge=0, description="outcomes: pseudo-count of the neighbourhood prior for local_k"
     )
     history_weight: float = Field(
         1.0, ge=0, description="weight of the most recent earlier turn (the query weighs 1)"

@@ -36,7 +36,7 @@ class OnnxEncoder:
         self._pad_id = int(tokenizer.token_to_id("[PAD]") or 0)
 
     @classmethod
-    def load(cls, path: Path, threads: int = 2) -> OnnxEncoder:
+    def load(cls, path: Path, threads: int = 2, spin: bool = True) -> OnnxEncoder:
         """Load an exported encoder. Raises EncoderError saying what is missing and what to do."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -59,6 +59,8 @@ class OnnxEncoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(
             str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
         )

@@ -64,6 +64,8 @@ class Router:
             null_similarity=self._decision.null_similarity,
             shrinkage=self._decision.shrinkage,
             cost_weight=self._decision.cost_weight,
+            local_k=self._decision.local_k,
+            local_shrinkage=self._decision.local_shrinkage,
         )
 
     @classmethod
@@ -84,7 +86,9 @@ class Router:
             recorded = index.manifest["encoder"].get("path") or ""
             encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None
         encoder_path = encoder_path or settings.encoder.path
-        inner = OnnxEncoder.load(encoder_path, threads=settings.encoder.threads)
+        inner = OnnxEncoder.load(
+            encoder_path, threads=settings.encoder.threads, spin=settings.encoder.spin
+        )
         encoder = CachedEncoder(inner, settings.encoder.cache_size)
         return cls(encoder, index, settings)
 

@@ -94,3 +94,11 @@ def test_int8_export_is_close_to_fp32(tmp_path: Path, onnx_encoder) -> None:  # 
     assert int8.fingerprint != onnx_encoder.fingerprint
     cos = (int8.encode(SAMPLE[:5]) * onnx_encoder.encode(SAMPLE[:5])).sum(axis=1)
     assert cos.min() > 0.95, cos
+
+
+def test_spin_setting_changes_nothing_but_threading(encoder_dir: Path, onnx_encoder) -> None:  # type: ignore[no-untyped-def]
+    """encoder.spin=false (no busy-waiting worker threads) gives the same embeddings."""
+    from semroute.encoder import OnnxEncoder
+
+    quiet = OnnxEncoder.load(encoder_dir, threads=2, spin=False)
+    assert np.allclose(quiet.encode(SAMPLE[:3]), onnx_encoder.encode(SAMPLE[:3]), atol=1e-6)

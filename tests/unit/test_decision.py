@@ -10,6 +10,7 @@ from semroute.decision import (
     decide_labelled,
     decide_outcomes,
     predict_quality,
+    predict_quality_local,
     rank_by_quality,
     vote_shares,
     winning_label,
@@ -134,6 +135,28 @@ def test_shrinkage_pulls_few_neighbours_toward_the_mean() -> None:
     shrunk = predict_quality(sims, scores, np.ones(1, F), means, DecisionParams(shrinkage=1.0))
     assert raw.tolist() == pytest.approx([1.0, 0.0])
     assert shrunk.tolist() == pytest.approx([0.7, 0.3])
+
+
+def test_local_step_shrinks_the_closest_neighbours_toward_the_neighbourhood() -> None:
+    """local_k=2 of 3 neighbours (given unsorted), equal weights (flat temperature):
+    broad = ((1 + 0 + 1) + 1 * 0.5) / (3 + 1) = 0.625 for both targets; the closest two are
+    rows 0 (0.9) and 2 (0.8): ((1 + 1) + 2 * 0.625) / (2 + 2) = 0.8125 and
+    ((0 + 1) + 2 * 0.625) / (2 + 2) = 0.5625."""
+    sims = np.array([0.9, 0.5, 0.8], F)
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], F)
+    means = np.array([0.5, 0.5], F)
+    ones = np.ones(3, F)
+    flat = {"temperature": 1e9, "shrinkage": 1.0, "local_shrinkage": 2.0}
+    broad = predict_quality(sims, scores, ones, means, DecisionParams(**flat))
+    assert broad.tolist() == pytest.approx([0.625, 0.625])
+    local = predict_quality(sims, scores, ones, means, DecisionParams(local_k=2, **flat))
+    assert local.tolist() == pytest.approx([0.8125, 0.5625])
+    direct = predict_quality_local(sims, scores, ones, broad, DecisionParams(local_k=2, **flat))
+    assert direct.tolist() == pytest.approx([0.8125, 0.5625])
+    # local_k of 0 (off) or not below the neighbour count leaves the estimate as it was
+    for k in (0, 3, 10):
+        same = predict_quality(sims, scores, ones, means, DecisionParams(local_k=k, **flat))
+        assert same.tolist() == pytest.approx(broad.tolist())
 
 
 def test_unknown_scores_do_not_count() -> None:
