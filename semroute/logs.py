@@ -58,9 +58,10 @@ def get_request_id() -> str | None:
     return _request_id.get()
 
 
-def _add_request_id(
+def add_request_id(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
+    """structlog processor: adds the bound request id (tests pass it to ``capture_logs``)."""
     rid = _request_id.get()
     if rid is not None:
         event.setdefault("request_id", rid)
@@ -93,7 +94,7 @@ def configure_logging(settings: LogSettings | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            _add_request_id,
+            add_request_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),

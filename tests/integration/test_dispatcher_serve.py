@@ -20,7 +20,7 @@ from semroute.config import load_settings
 from semroute.dispatch_client import DispatcherClient
 from semroute.errors import ConfigError
 from semroute.grpc.router_service import create_router_server
-from semroute.logs import _add_request_id
+from semroute.logs import add_request_id
 from semroute.testing.faultserver import FaultServer
 from semroute.types import ChatRequest, Message
 from tests.integration.dispatcher_fixtures import CHUNKS, CREATIVE_PROMPT, llms, split
@@ -81,7 +81,7 @@ async def test_serves_from_files_with_request_id_end_to_end(
     ready: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     # The same request-id processor the services log with, so captured lines carry it.
-    with capture_logs(processors=[_add_request_id]) as logs:
+    with capture_logs(processors=[add_request_id]) as logs:
         task = asyncio.create_task(serve_dispatcher(
             settings, stop=stop, on_ready=lambda *ports: ready.set_result(ports)))
         port, metrics_port, http_port = await asyncio.wait_for(ready, 30)
