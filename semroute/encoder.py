@@ -9,7 +9,9 @@ limit rather than rejected.
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 
 from semroute.errors import EncoderError
 from semroute.export import MANIFEST, MODEL_FILE, TOKENIZER_FILE
-from semroute.types import Vectors
+from semroute.types import Encoder, Vectors
 
 
 class OnnxEncoder:
@@ -109,14 +111,28 @@ class OnnxEncoder:
         (out,) = self._session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
         return np.asarray(out, dtype=np.float32)
 
-    def encode_sorted(self, texts: Sequence[str], batch_size: int = 64) -> Vectors:
-        """Embed many texts, ``batch_size`` at a time (bounded memory); order is preserved."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            out[chunk] = self.encode([texts[i] for i in chunk])
-        return out
+
+def embed_many(
+    encoder: Encoder, texts: Sequence[str], batch_size: int = 64, *, progress: bool = False
+) -> Vectors:
+    """Embed many texts ``batch_size`` at a time (bounded memory), in input order.
+
+    Texts are sorted by length first so each batch holds similar lengths (little padding).
+    ``progress`` prints a rate line on stderr (live on a terminal, once at the end otherwise).
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
+    started = time.perf_counter()
+    live = progress and sys.stderr.isatty()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        out[chunk] = encoder.encode([texts[i] for i in chunk])
+        done = min(start + batch_size, len(order))
+        if live or (progress and done == len(order)):
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            end = "\n" if done == len(order) else "\r"
+            print(f"embedding {done}/{len(order)} ({rate:.0f}/s)", end=end, file=sys.stderr)
+    return out
 
 
 def _similar_length_groups(lengths: list[int], max_size: int = 64) -> list[list[int]]:
@@ -125,7 +141,11 @@ def _similar_length_groups(lengths: list[int], max_size: int = 64) -> list[list[
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     groups: list[list[int]] = []
     for i in order:
-        if groups and len(groups[-1]) < max_size and lengths[i] <= 1.25 * lengths[groups[-1][0]] + 2:
+        if (
+            groups
+            and len(groups[-1]) < max_size
+            and lengths[i] <= 1.25 * lengths[groups[-1][0]] + 2
+        ):
             groups[-1].append(i)
         else:
             groups.append([i])

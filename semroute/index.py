@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from semroute.config import IndexSettings
+from semroute.encoder import embed_many
 from semroute.errors import CorruptIndex, FingerprintMismatch, IndexNotFound
 from semroute.exemplars import ExemplarSet, load_route_table, read_exemplars
 from semroute.types import Encoder, ExemplarKind, IndexInfo, Route, RouteTable, Target, Vectors
@@ -313,7 +314,7 @@ def build_index(
 
     started = time.perf_counter()
     texts = [e.text for e in exemplar_set.exemplars]
-    vectors = _embed_with_progress(encoder, texts, batch_size, progress)
+    vectors = embed_many(encoder, texts, batch_size, progress=progress)
     embed_s = time.perf_counter() - started
     projection = None
     if settings.projection == "learned" and exemplar_set.kind is ExemplarKind.LABELLED:
@@ -349,25 +350,6 @@ def learn_projection(
             file=sys.stderr,
         )
     return matrix
-
-
-def _embed_with_progress(
-    encoder: Encoder, texts: list[str], batch_size: int, progress: bool
-) -> Vectors:
-    # Sorting by length keeps padding (and so wasted compute) small within each batch.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
-    started = time.perf_counter()
-    show = progress and sys.stderr.isatty()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        out[chunk] = encoder.encode([texts[i] for i in chunk])
-        done = min(start + batch_size, len(order))
-        if show or (progress and done == len(order)):
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            end = "\n" if done == len(order) else "\r"
-            print(f"embedding {done}/{len(order)} ({rate:.0f}/s)", end=end, file=sys.stderr)
-    return out
 
 
 def write_version(

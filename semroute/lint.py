@@ -134,14 +134,21 @@ def near_duplicates(
         if labels[i] == labels[j]:
             if sim >= settings.near_duplicate:
                 out.append(
-                    Finding(WARNING, "near-duplicate", sources[j],
-                            f"similarity {sim:.3f} to {sources[i]} (same label {labels[i]!r})")
+                    Finding(
+                        WARNING,
+                        "near-duplicate",
+                        sources[j],
+                        f"similarity {sim:.3f} to {sources[i]} (same label {labels[i]!r})",
+                    )
                 )
         elif sim >= settings.conflict:
             out.append(
-                Finding(ERROR, "near-conflict", sources[j],
-                        f"label {labels[j]!r} but {sources[i]} (similarity {sim:.3f}) "
-                        f"is {labels[i]!r}")
+                Finding(
+                    ERROR,
+                    "near-conflict",
+                    sources[j],
+                    f"label {labels[j]!r} but {sources[i]} (similarity {sim:.3f}) is {labels[i]!r}",
+                )
             )
     return out
 
@@ -152,8 +159,12 @@ def too_few(labels: Sequence[str], sources: Sequence[str], minimum: int) -> list
     for lab, src in zip(labels, sources, strict=True):
         first.setdefault(lab, src)
     return [
-        Finding(ERROR, "too-few", first[lab],
-                f"route {lab!r} has {n} exemplar(s); at least {minimum} are needed")
+        Finding(
+            ERROR,
+            "too-few",
+            first[lab],
+            f"route {lab!r} has {n} exemplar(s); at least {minimum} are needed",
+        )
         for lab, n in sorted(counts.items())
         if n < minimum
     ]
@@ -209,9 +220,13 @@ def loo_findings(
     for lab, a in acc.items():
         if a < settings.loo_min_accuracy and len(per_route[lab]) > 1:
             out.append(
-                Finding(WARNING, "loo-accuracy", first[lab],
-                        f"route {lab!r}: leave-one-out accuracy {a:.2f} "
-                        f"< {settings.loo_min_accuracy:.2f}")
+                Finding(
+                    WARNING,
+                    "loo-accuracy",
+                    first[lab],
+                    f"route {lab!r}: leave-one-out accuracy {a:.2f} "
+                    f"< {settings.loo_min_accuracy:.2f}",
+                )
             )
     own = shares[np.arange(len(y)), y]
     other = shares.copy()
@@ -222,9 +237,13 @@ def loo_findings(
     flagged = flagged[np.argsort(margin[flagged], kind="stable")][: settings.max_low_margin]
     for i in flagged.tolist():
         out.append(
-            Finding(WARNING, "low-margin", sources[i],
-                    f"label {labels[i]!r} but its neighbours vote {names[best_other[i]]!r} "
-                    f"(margin {margin[i]:+.2f})")
+            Finding(
+                WARNING,
+                "low-margin",
+                sources[i],
+                f"label {labels[i]!r} but its neighbours vote {names[best_other[i]]!r} "
+                f"(margin {margin[i]:+.2f})",
+            )
         )
     return acc, out
 
@@ -299,16 +318,17 @@ def lint_files(
     vectors = None
     if embed:
         from semroute.config import load_settings
-        from semroute.encoder import OnnxEncoder
+        from semroute.encoder import OnnxEncoder, embed_many
 
         conf = load_settings(config)
         encoder = OnnxEncoder.load(encoder_path or conf.encoder.path, threads=conf.encoder.threads)
-        vectors = encoder.encode_sorted(texts, batch_size=conf.encoder.batch_size)
+        vectors = embed_many(encoder, texts, batch_size=conf.encoder.batch_size)
     report = lint(texts, labels, sources, vectors, s)
     if raw:
         # Duplicates dropped by the reader are only visible in the raw rows.
-        report.findings = [f for f in report.findings if f.code not in {"duplicate",
-                                                                        "label-conflict"}]
+        report.findings = [
+            f for f in report.findings if f.code not in {"duplicate", "label-conflict"}
+        ]
         report.findings[:0] = exact_duplicates(
             [r[1] for r in raw], [r[2] for r in raw], [r[0] for r in raw]
         )
