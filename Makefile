@@ -7,17 +7,20 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-MODEL_DIR := models/all-MiniLM-L6-v2-onnx
+# The served encoder is the int8 export; the fp32 export is the reference it is tested against.
+MODEL_DIR := models/all-MiniLM-L6-v2-int8
+FP32_DIR := models/all-MiniLM-L6-v2-onnx
 INDEX_DIR := index_data/build/default
 DEPS := $(VENV)/.stamp-deps
 LLM := $(VENV)/.stamp-llm
 NODE := tests/node/node_modules/.stamp
 ENCODER := $(MODEL_DIR)/manifest.json
+FP32 := $(FP32_DIR)/manifest.json
 INDEX := $(INDEX_DIR)/current/manifest.json
 
 .PHONY: setup proto demo serve test test-unit lint bench eval clean
 
-setup: $(DEPS) $(LLM) $(NODE) $(ENCODER) $(INDEX)
+setup: $(DEPS) $(LLM) $(NODE) $(FP32) $(ENCODER) $(INDEX)
 
 # torch first and pinned: an unpinned torch pulls GBs of CUDA wheels.
 $(DEPS): pyproject.toml
@@ -37,8 +40,11 @@ $(NODE): tests/node/package.json
 	cd tests/node && npm install --no-audit --no-fund --silent
 	touch $@
 
+$(FP32): | $(DEPS)
+	$(BIN)/semroute encoder export --out $(FP32_DIR)
+
 $(ENCODER): | $(DEPS)
-	$(BIN)/semroute encoder export --out $(MODEL_DIR)
+	$(BIN)/semroute encoder export --int8 --out $(MODEL_DIR)
 
 $(INDEX): $(ENCODER) index_data/exemplars.csv index_data/routes.yaml
 	$(BIN)/semroute index build --exemplars index_data/exemplars.csv \

@@ -39,7 +39,7 @@ from semroute.devstack import (
 )
 
 INDEX_DIR = ROOT / "index_data" / "build" / "default"
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
+ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
 PROMPT = "Write a short poem about autumn leaves"
 
 

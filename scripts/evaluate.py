@@ -51,7 +51,7 @@ OUT = ROOT / "out" / "eval"
 CACHE = ROOT / "out" / "cache"
 DOCS = ROOT / "docs"
 IMG = DOCS / "img"
-ENCODER = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
+ENCODER = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
 
 MMLU_SEED = 0
 MMLU_SPLIT = (

@@ -17,7 +17,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from semroute.errors import ConfigError
 
-DEFAULT_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-onnx")
+# Served by default: the int8 export (see semroute.export._quantize for why). The fp32 export is
+# the reference it is checked against (parity with sentence-transformers) and stays an option.
+DEFAULT_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-int8")
+FP32_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-onnx")
 DEFAULT_INDEX_DIR = Path("index_data/build/default")
 
 
@@ -28,6 +31,10 @@ class EncoderSettings(BaseModel):
         True,
         description="onnxruntime worker threads spin-wait between runs (lower latency when idle; "
         "off leaves the CPU to other threads under load)",
+    )
+    spin_us: int = Field(
+        500, ge=0, description="how long onnxruntime's worker threads spin-wait, in microseconds "
+        "(0: its own default)"
     )
     batch_size: int = Field(64, ge=1, description="texts per encoder batch when building")
     cache_size: int = Field(4096, ge=0, description="LRU cache of query embeddings (0 = off)")

@@ -69,7 +69,12 @@ def export_encoder(model_dir: Path | None, out: Path, *, int8: bool = False) -> 
     import torch
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    # int8: the eager attention graph is the one onnxruntime's BERT fusions recognise (see
+    # _quantize); fp32 keeps the default attention, the reference for parity tests.
+    model_kwargs = {"attn_implementation": "eager"} if int8 else None
+    st = SentenceTransformer(
+        str(model_dir), device="cpu", local_files_only=True, model_kwargs=model_kwargs
+    )
     transformer: Any = st[0].auto_model
     transformer.eval()
     pooling = _pooling_mode(st)
@@ -119,10 +124,12 @@ def export_encoder(model_dir: Path | None, out: Path, *, int8: bool = False) -> 
                 opset_version=17,
                 dynamo=False,
             )
+        fused: dict[str, int] = {}
         if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(fp32_path), str(tmp / MODEL_FILE), weight_type=QuantType.QInt8)
+            config = transformer.config
+            fused = _quantize(
+                fp32_path, tmp / MODEL_FILE, config.num_attention_heads, config.hidden_size
+            )
             fp32_path.unlink()
         shutil.copyfile(model_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         dimension = int(st.get_embedding_dimension() or 0)
@@ -136,6 +143,8 @@ def export_encoder(model_dir: Path | None, out: Path, *, int8: bool = False) -> 
             "normalized": True,
             "source_normalized": normalize,
             "int8": int8,
+            "quantization": QUANTIZATION if int8 else None,
+            "fused_operators": fused,
             "fingerprint": fingerprint_files(tmp / MODEL_FILE, tmp / TOKENIZER_FILE),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -144,6 +153,54 @@ def export_encoder(model_dir: Path | None, out: Path, *, int8: bool = False) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+QUANTIZATION = "dynamic: int8 weights per output channel, activations quantized per run"
+
+
+def _quantize(fp32: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Fuse the BERT graph, then quantise it to int8. Returns the fused operator counts.
+
+    Fusion (onnxruntime.transformers, model type bert) turns about 850 small nodes into about
+    150 (attention, embedding + layer norm, bias + GELU), which matters once the matrix products
+    are cheap. Quantisation is dynamic (onnxruntime ``quantize_dynamic``): weights stored as
+    int8 with one scale per output channel, activations quantised at run time, so no
+    calibration data is needed.
+
+    Why int8: for one short query the fp32 model is bound by reading 42 MB of weights; int8
+    reads a quarter of that. Measured here (one thread, short queries): 4.6 ms fp32, 1.5 ms
+    int8, 1.4 ms int8 fused. Banking77 accuracy 0.9240 fp32, 0.9247 int8 fused. Per-channel
+    scales keep embeddings at cosine 0.994 (mean; min 0.980) from fp32's, against 0.968 (min
+    0.896) with one scale per tensor. The activation scale is per tensor, so texts must be run
+    one at a time (see ``semroute.encoder``).
+    """
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    quiet = [logging.getLogger(), logging.getLogger("onnxruntime"), logging.getLogger("fusion")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        fused_path = fp32.with_name("model.fused.onnx")
+        model = optimizer.optimize_model(
+            str(fp32), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+            opt_level=1,
+        )
+        stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+        model.save_model_to_file(str(fused_path))
+        quantize_dynamic(
+            str(fused_path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+            # Fused operators defeat onnx shape inference; their tensors are float.
+            extra_options={"DefaultTensorType": 1},
+        )
+        fused_path.unlink()
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+    return stats
 
 
 def _pooling_mode(st: Any) -> str:

@@ -87,7 +87,10 @@ class Router:
             encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None
         encoder_path = encoder_path or settings.encoder.path
         inner = OnnxEncoder.load(
-            encoder_path, threads=settings.encoder.threads, spin=settings.encoder.spin
+            encoder_path,
+            threads=settings.encoder.threads,
+            spin=settings.encoder.spin,
+            spin_us=settings.encoder.spin_us,
         )
         encoder = CachedEncoder(inner, settings.encoder.cache_size)
         return cls(encoder, index, settings)

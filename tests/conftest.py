@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-ENCODER_DIR = REPO / "models" / "all-MiniLM-L6-v2-onnx"
+ENCODER_DIR = REPO / "models" / "all-MiniLM-L6-v2-int8"  # served by default
+FP32_ENCODER_DIR = REPO / "models" / "all-MiniLM-L6-v2-onnx"  # the reference export
 DEFAULT_INDEX = REPO / "index_data" / "build" / "default"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,8 +63,21 @@ def _ensure(path: Path, make_target: str) -> None:
 
 @pytest.fixture(scope="session")
 def encoder_dir() -> Path:
-    _ensure(ENCODER_DIR / "manifest.json", str(Path("models/all-MiniLM-L6-v2-onnx/manifest.json")))
+    _ensure(ENCODER_DIR / "manifest.json", "models/all-MiniLM-L6-v2-int8/manifest.json")
     return ENCODER_DIR
+
+
+@pytest.fixture(scope="session")
+def fp32_encoder_dir() -> Path:
+    _ensure(FP32_ENCODER_DIR / "manifest.json", "models/all-MiniLM-L6-v2-onnx/manifest.json")
+    return FP32_ENCODER_DIR
+
+
+@pytest.fixture(scope="session")
+def fp32_encoder(fp32_encoder_dir: Path):  # type: ignore[no-untyped-def]
+    from semroute.encoder import OnnxEncoder
+
+    return OnnxEncoder.load(fp32_encoder_dir)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semroute.config import DEFAULT_ENCODER_DIR, DEFAULT_INDEX_DIR, load_settings
+from semroute.config import (
+    DEFAULT_ENCODER_DIR,
+    DEFAULT_INDEX_DIR,
+    FP32_ENCODER_DIR,
+    load_settings,
+)
 from semroute.types import Decision, Policy, Query
 
 
@@ -18,8 +23,18 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument(
         "--model", type=Path, default=None, help="model folder (default: all-MiniLM-L6-v2)"
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_ENCODER_DIR)
-    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default: {FP32_ENCODER_DIR}, or {DEFAULT_ENCODER_DIR} with --int8)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="dynamic int8 quantisation, per-channel weights (the served default: about 3x "
+        "faster per query, Banking77 accuracy unchanged)",
+    )
     p.set_defaults(handler=_export)
 
     p = groups["index"].add_parser("build", help="build an index from exemplar files")
@@ -58,11 +73,13 @@ def _export(args: argparse.Namespace) -> int:
     from semroute.export import export_encoder
 
     started = time.perf_counter()
-    out = export_encoder(args.model, args.out, int8=args.int8)
+    default_out = DEFAULT_ENCODER_DIR if args.int8 else FP32_ENCODER_DIR
+    out = export_encoder(args.model, args.out or default_out, int8=args.int8)
     manifest = json.loads((out / "manifest.json").read_text())
     print(
         f"exported {manifest['model_name']} -> {out} (dim {manifest['dimension']}, "
-        f"max {manifest['max_tokens']} tokens, {manifest['fingerprint'][:19]}…) "
+        f"max {manifest['max_tokens']} tokens, {'int8' if manifest['int8'] else 'fp32'}, "
+        f"{manifest['fingerprint'][:19]}…) "
         f"in {time.perf_counter() - started:.1f}s"
     )
     return 0
@@ -79,7 +96,12 @@ def _build(args: argparse.Namespace) -> int:
     if args.projection:
         index_settings = index_settings.model_copy(update={"projection": args.projection})
     encoder_path = args.encoder or settings.encoder.path
-    encoder = OnnxEncoder.load(encoder_path, threads=settings.encoder.threads)
+    encoder = OnnxEncoder.load(
+        encoder_path,
+        threads=settings.encoder.threads,
+        spin=settings.encoder.spin,
+        spin_us=settings.encoder.spin_us,
+    )
     started = time.perf_counter()
     version_dir = build_index(
         args.exemplars,

@@ -45,6 +45,7 @@ from semroute.grpc import convert
 from semroute.grpc.server_common import (
     TokenSet,
     add_health_and_reflection,
+    annotate_call,
     bind_port,
     server_credentials,
     set_serving,
@@ -418,9 +419,10 @@ class RouterServicer(pb_grpc.RouterServicer):
             decision = await self._handle.coalescer.submit(router, query)
         except SemrouteError as exc:
             await _abort(context, exc)
-        log.info("routed", route=decision.route, target=decision.target,
-                 confidence=round(decision.confidence, 4), fallback=decision.fallback,
-                 **text_fields(query.text, log_text=self._log_text))
+        # On the call's one ``rpc`` line (the access log), not a line of its own.
+        annotate_call(route=decision.route, target=decision.target,
+                      confidence=round(decision.confidence, 4), fallback=decision.fallback,
+                      **text_fields(query.text, log_text=self._log_text))
         return convert.decision_to_proto(decision)
 
     async def RouteBatch(
@@ -444,7 +446,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             decisions = await self._handle.run_batch(router, queries) if queries else []
         except SemrouteError as exc:
             await _abort(context, exc)
-        log.info("routed batch", queries=len(decisions))
+        annotate_call(queries=len(decisions))
         return pb.RouteBatchResponse(responses=[convert.decision_to_proto(d) for d in decisions])
 
     async def GetIndexInfo(

@@ -25,7 +25,7 @@ from semroute.grpc.server_common import TokenSet
 from semroute.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
+ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"
 ROUTES_FILE = ROOT / "index_data" / "routes.yaml"
 
 # A handful of exemplars per route of index_data/routes.yaml: enough for clear decisions.

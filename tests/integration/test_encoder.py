@@ -23,23 +23,41 @@ SAMPLE = [
 ]
 
 
-def test_onnx_matches_sentence_transformers(onnx_encoder) -> None:  # type: ignore[no-untyped-def]
-    """Every sample embeds within cosine 0.9999 of sentence-transformers' own output."""
+@pytest.fixture(scope="module")
+def st_reference():  # type: ignore[no-untyped-def]
+    """sentence-transformers' own embeddings of SAMPLE (torch, export extra)."""
     from sentence_transformers import SentenceTransformer
 
     from semroute.export import default_model_dir
 
     st = SentenceTransformer(str(default_model_dir()), device="cpu", local_files_only=True)
-    reference = st.encode(SAMPLE, normalize_embeddings=True, convert_to_numpy=True)
-    ours = onnx_encoder.encode(SAMPLE)
-    cosines = (ours * reference).sum(axis=1)
+    return st.encode(SAMPLE, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def test_fp32_export_matches_sentence_transformers(fp32_encoder, st_reference) -> None:  # type: ignore[no-untyped-def]
+    """The fp32 export embeds every sample within cosine 0.9999 of sentence-transformers."""
+    cosines = (fp32_encoder.encode(SAMPLE) * st_reference).sum(axis=1)
     assert cosines.min() >= 0.9999, cosines
 
 
+def test_served_int8_export_stays_close(onnx_encoder, fp32_encoder, st_reference) -> None:  # type: ignore[no-untyped-def]
+    """The served int8 export (per-channel weights) is a quarter of the fp32 size and stays
+    within cosine 0.98 of sentence-transformers on every sample (measured 0.991-0.997)."""
+    assert onnx_encoder.manifest["int8"] is True
+    assert fp32_encoder.manifest["int8"] is False
+    assert onnx_encoder.fingerprint != fp32_encoder.fingerprint
+    size = (onnx_encoder.path / "model.onnx").stat().st_size
+    assert size < 0.3 * (fp32_encoder.path / "model.onnx").stat().st_size
+    cosines = (onnx_encoder.encode(SAMPLE) * st_reference).sum(axis=1)
+    assert cosines.min() >= 0.98, cosines
+
+
 def test_single_and_batched_embeddings_agree(onnx_encoder) -> None:  # type: ignore[no-untyped-def]
-    """Padding to the batch's longest (attention-masked) does not change any embedding."""
-    batch = onnx_encoder.encode(SAMPLE[:4])
-    single = np.vstack([onnx_encoder.encode([t]) for t in SAMPLE[:4]])
+    """A text embeds the same alone or in a batch. The served int8 model quantises activations
+    per tensor, so a padded batch would not give this (cosine down to 0.98 measured): it runs
+    each text on its own, on whichever session (all threads or one) is free."""
+    batch = onnx_encoder.encode(SAMPLE)
+    single = np.vstack([onnx_encoder.encode([t]) for t in SAMPLE])
     assert np.allclose(batch, single, atol=1e-5)
     assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
 
@@ -78,22 +96,6 @@ def test_serving_path_never_imports_torch(default_index: Path, encoder_dir: Path
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("code ")
-
-
-@pytest.mark.slow
-def test_int8_export_is_close_to_fp32(tmp_path: Path, onnx_encoder) -> None:  # type: ignore[no-untyped-def]
-    """`--int8` produces a smaller model whose embeddings stay close to the fp32 ones."""
-    from semroute.encoder import OnnxEncoder
-    from semroute.export import export_encoder
-
-    out = export_encoder(None, tmp_path / "int8", int8=True)
-    int8 = OnnxEncoder.load(out)
-    assert (out / "model.onnx").stat().st_size < 0.4 * (
-        onnx_encoder.path / "model.onnx"
-    ).stat().st_size
-    assert int8.fingerprint != onnx_encoder.fingerprint
-    cos = (int8.encode(SAMPLE[:5]) * onnx_encoder.encode(SAMPLE[:5])).sum(axis=1)
-    assert cos.min() > 0.95, cos
 
 
 def test_spin_setting_changes_nothing_but_threading(encoder_dir: Path, onnx_encoder) -> None:  # type: ignore[no-untyped-def]

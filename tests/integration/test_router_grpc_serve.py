@@ -82,9 +82,11 @@ async def test_serve_router_command_health_metrics_logs_and_sigterm(
             proc.wait()
     lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
     events = {e["event"] for e in lines}
-    assert {"index loaded", "routed", "rpc", "shutting down", "stopped"} <= events
-    routed = next(e for e in lines if e["event"] == "routed")
-    assert routed["request_id"] == "cli-test-1"
+    assert {"index loaded", "rpc", "shutting down", "stopped"} <= events
+    # One line per call: the access line carries the decision (and no query text).
+    (routed,) = [e for e in lines if e["event"] == "rpc" and e["method"] == "Route"]
+    assert routed["request_id"] == "cli-test-1" and routed["code"] == "OK"
+    assert routed["route"] == reply.route and routed["target"] == reply.target
     assert routed["query_len"] == len(secret) and "query_sha256" in routed
     assert secret not in log_file.read_text()
 
