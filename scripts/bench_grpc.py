@@ -143,6 +143,20 @@ async def single_client(addr: str, texts: list[str]) -> list[float]:
     return latencies
 
 
+async def empty_calls(addr: str, n: int) -> list[float]:
+    """Latency of GetIndexInfo (no encoder, no search): the floor of any call to this server
+    from this client, on this machine."""
+    from semroute.client import RouterClient
+
+    latencies = []
+    async with RouterClient(addr, timeout=30) as client:
+        for _ in range(n):
+            start = time.perf_counter()
+            await client.index_info()
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
 async def concurrent_clients(
     addr: str, texts: list[str], clients: int, seconds: float
 ) -> tuple[int, float, list[float], int]:
@@ -221,6 +235,8 @@ def run_variant(
         cpu0 = (cpu_seconds(proc.pid), cpu_seconds())
         single = asyncio.run(single_client(addr, queries[: args.single]))
         cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
+        floor = asyncio.run(empty_calls(addr, 500))
+        cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
         before = scrape(metrics_port)
         done, elapsed, loaded, errors = asyncio.run(
             concurrent_clients(addr, queries, args.clients, args.seconds)
@@ -248,6 +264,8 @@ def run_variant(
         ("p50 latency, 1 client", f"{pct(single, 0.50) * ms:.2f} ms", "<= 2 ms"),
         ("p90 latency, 1 client", f"{pct(single, 0.90) * ms:.2f} ms", ""),
         ("p99 latency, 1 client", f"{pct(single, 0.99) * ms:.2f} ms", "<= 6 ms"),
+        ("p50 latency of an empty call (GetIndexInfo), 1 client",
+         f"{pct(floor, 0.50) * ms:.2f} ms", ""),
         (f"throughput, {args.clients} clients", f"{done / elapsed:,.0f} routes/s",
          ">= 1,000 routes/s"),
         (f"p50 / p99 latency, {args.clients} clients",
@@ -343,8 +361,10 @@ Queries: Banking77 test, short customer questions, distinct. Server:
 the encoder; INFO logs to a file. Clients: grpc.aio in one process, one channel each, latency
 measured end to end at the client: {args.single} calls at one client, then
 {args.seconds:.0f} s of {args.clients} clients. CPU per call is process CPU time (user + system)
-divided by calls. The encoder is the default int8 export (each text run alone on one core);
-`--fp32` adds a column with the fp32 reference export and an index built with it.
+divided by calls. The encoder is the default int8 export (each text run alone: on both cores
+when it is the only one, else on one core); `--fp32` adds a column with the fp32 reference
+export and an index built with it. The empty call (GetIndexInfo: no encoder, no search) shows
+what gRPC in Python costs per call on this machine, client and server together.
 {overrides}
 {md}
 
