@@ -62,6 +62,15 @@ def test_single_and_batched_embeddings_agree(onnx_encoder) -> None:  # type: ign
     assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
 
 
+def test_fp32_padded_batches_match_single_texts(fp32_encoder) -> None:  # type: ignore[no-untyped-def]
+    """fp32 runs padded batches of similar-length texts; the attention mask keeps each text's
+    embedding what it is alone."""
+    assert fp32_encoder.per_text_threads == 0  # the padded-batch path
+    batch = fp32_encoder.encode(SAMPLE)
+    single = np.vstack([fp32_encoder.encode([t]) for t in SAMPLE])
+    assert np.allclose(batch, single, atol=1e-5)
+
+
 def test_no_fixed_padding_and_truncation_at_limit(onnx_encoder) -> None:  # type: ignore[no-untyped-def]
     """A short text is a handful of tokens (not padded to 128); a long one stops at max_tokens."""
     assert onnx_encoder.count_tokens("hello world") == 4  # [CLS] hello world [SEP]
