@@ -44,7 +44,7 @@ from semroute.types import ChatRequest, DeltaEvent, GenerationParams, Message, R
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX_DIR = ROOT / "index_data" / "build" / "default"
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
+ENCODER_DIR = benchlib.ENCODER_DIR  # the served default
 PROMPT = "Write a short poem about autumn leaves"
 TARGET_P50_MS = 3.0
 

@@ -37,8 +37,8 @@ import benchlib
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
-FP32_ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"
+ENCODER_DIR = benchlib.ENCODER_DIR  # the served default
+FP32_ENCODER_DIR = benchlib.FP32_ENCODER_DIR
 OUT = ROOT / "out" / "bench_grpc"
 
 
@@ -236,7 +236,7 @@ def run_variant(
         single = asyncio.run(single_client(addr, queries[: args.single]))
         cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
         floor = asyncio.run(empty_calls(addr, 500))
-        cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
+        cpu_load0 = (cpu_seconds(proc.pid), cpu_seconds())  # the empty calls count for neither
         before = scrape(metrics_port)
         done, elapsed, loaded, errors = asyncio.run(
             concurrent_clients(addr, queries, args.clients, args.seconds)
@@ -275,7 +275,8 @@ def run_variant(
         ("CPU per call, 1 client: server + client",
          f"{(cpu1[0] - cpu0[0]) / n1 * ms:.2f} + {(cpu1[1] - cpu0[1]) / n1 * ms:.2f} ms", ""),
         (f"CPU per call, {args.clients} clients: server + client",
-         f"{(cpu2[0] - cpu1[0]) / nn * ms:.2f} + {(cpu2[1] - cpu1[1]) / nn * ms:.2f} ms", ""),
+         f"{(cpu2[0] - cpu_load0[0]) / nn * ms:.2f} + {(cpu2[1] - cpu_load0[1]) / nn * ms:.2f} ms",
+         ""),
     ]
     note = (f"1-client mean {statistics.mean(single) * ms:.2f} ms over {n1} calls; {done} calls "
             f"in {elapsed:.1f} s under load; load average {load_before:.1f} before, "
@@ -290,9 +291,7 @@ def encoder_ceiling(texts: list[str]) -> float:
     from semroute.config import Settings
     from semroute.encoder import OnnxEncoder, embed_many
 
-    enc = Settings().encoder
-    encoder = OnnxEncoder.load(ENCODER_DIR, threads=enc.threads, spin=enc.spin,
-                               spin_us=enc.spin_us)
+    encoder = OnnxEncoder.from_settings(ENCODER_DIR, Settings().encoder)
     embed_many(encoder, texts[:100])  # warm-up
     start = time.perf_counter()
     embed_many(encoder, texts)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import DOC, ROOT, machine, write_section
+from benchlib import DOC, ENCODER_DIR, ROOT, machine, write_section
 
 from semroute.devstack import (
     ManagedProcess,
@@ -39,7 +39,6 @@ from semroute.devstack import (
 )
 
 INDEX_DIR = ROOT / "index_data" / "build" / "default"
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
 PROMPT = "Write a short poem about autumn leaves"
 
 

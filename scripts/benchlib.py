@@ -10,10 +10,13 @@ import platform
 import time
 from pathlib import Path
 
+from semroute.config import DEFAULT_ENCODER_DIR
+from semroute.config import FP32_ENCODER_DIR as FP32_ENCODER_PATH
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
-FP32_ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-onnx"  # the reference export
+ENCODER_DIR = ROOT / DEFAULT_ENCODER_DIR  # the served default (int8)
+FP32_ENCODER_DIR = ROOT / FP32_ENCODER_PATH  # the reference export
 BANKING = ROOT.parent / "shared" / "data" / "banking77"
 HEADER = (
     "# Benchmarks\n\n"

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from semroute.config import IndexSettings, load_settings  # noqa: E402
+from semroute.config import DEFAULT_ENCODER_DIR, IndexSettings, load_settings  # noqa: E402
 from semroute.decision import DecisionParams, predict_quality  # noqa: E402
 from semroute.encoder import OnnxEncoder  # noqa: E402
 from semroute.evaluate import (  # noqa: E402
@@ -51,7 +51,7 @@ OUT = ROOT / "out" / "eval"
 CACHE = ROOT / "out" / "cache"
 DOCS = ROOT / "docs"
 IMG = DOCS / "img"
-ENCODER = ROOT / "models" / "all-MiniLM-L6-v2-int8"  # the served default
+ENCODER = ROOT / DEFAULT_ENCODER_DIR  # the served default
 
 MMLU_SEED = 0
 MMLU_SPLIT = (

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from semroute.config import EncoderSettings
 from semroute.errors import EncoderError
 from semroute.export import MANIFEST, MODEL_FILE, TOKENIZER_FILE
 from semroute.types import Encoder, Vectors
@@ -110,6 +111,11 @@ class OnnxEncoder:
             path, manifest, session(1), tokenizer, per_text_threads=threads,
             solo_session=session(threads) if threads > 1 else None,
         )
+
+    @classmethod
+    def from_settings(cls, path: Path, settings: EncoderSettings) -> OnnxEncoder:
+        """``load`` with the threading of ``settings`` (the ``encoder`` section)."""
+        return cls.load(path, threads=settings.threads, spin=settings.spin, spin_us=settings.spin_us)
 
     @property
     def dimension(self) -> int:

@@ -321,7 +321,7 @@ def lint_files(
         from semroute.encoder import OnnxEncoder, embed_many
 
         conf = load_settings(config)
-        encoder = OnnxEncoder.load(encoder_path or conf.encoder.path, threads=conf.encoder.threads)
+        encoder = OnnxEncoder.from_settings(encoder_path or conf.encoder.path, conf.encoder)
         vectors = embed_many(encoder, texts, batch_size=conf.encoder.batch_size)
     report = lint(texts, labels, sources, vectors, s)
     if raw:

@@ -86,12 +86,7 @@ class Router:
             recorded = index.manifest["encoder"].get("path") or ""
             encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None
         encoder_path = encoder_path or settings.encoder.path
-        inner = OnnxEncoder.load(
-            encoder_path,
-            threads=settings.encoder.threads,
-            spin=settings.encoder.spin,
-            spin_us=settings.encoder.spin_us,
-        )
+        inner = OnnxEncoder.from_settings(encoder_path, settings.encoder)
         encoder = CachedEncoder(inner, settings.encoder.cache_size)
         return cls(encoder, index, settings)
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from semroute import config
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-ENCODER_DIR = REPO / "models" / "all-MiniLM-L6-v2-int8"  # served by default
-FP32_ENCODER_DIR = REPO / "models" / "all-MiniLM-L6-v2-onnx"  # the reference export
+ENCODER_DIR = REPO / config.DEFAULT_ENCODER_DIR  # served by default (int8)
+FP32_ENCODER_DIR = REPO / config.FP32_ENCODER_DIR  # the reference export
 DEFAULT_INDEX = REPO / "index_data" / "build" / "default"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,13 +65,13 @@ def _ensure(path: Path, make_target: str) -> None:
 
 @pytest.fixture(scope="session")
 def encoder_dir() -> Path:
-    _ensure(ENCODER_DIR / "manifest.json", "models/all-MiniLM-L6-v2-int8/manifest.json")
+    _ensure(ENCODER_DIR / "manifest.json", str(config.DEFAULT_ENCODER_DIR / "manifest.json"))
     return ENCODER_DIR
 
 
 @pytest.fixture(scope="session")
 def fp32_encoder_dir() -> Path:
-    _ensure(FP32_ENCODER_DIR / "manifest.json", "models/all-MiniLM-L6-v2-onnx/manifest.json")
+    _ensure(FP32_ENCODER_DIR / "manifest.json", str(config.FP32_ENCODER_DIR / "manifest.json"))
     return FP32_ENCODER_DIR
 
 

@@ -96,12 +96,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.projection:
         index_settings = index_settings.model_copy(update={"projection": args.projection})
     encoder_path = args.encoder or settings.encoder.path
-    encoder = OnnxEncoder.load(
-        encoder_path,
-        threads=settings.encoder.threads,
-        spin=settings.encoder.spin,
-        spin_us=settings.encoder.spin_us,
-    )
+    encoder = OnnxEncoder.from_settings(encoder_path, settings.encoder)
     started = time.perf_counter()
     version_dir = build_index(
         args.exemplars,

@@ -23,9 +23,9 @@ from semroute.config import Settings, load_settings
 from semroute.grpc.router_service import RouterHandle, create_router_server
 from semroute.grpc.server_common import TokenSet
 from semroute.metrics import RouterMetrics
+from tests.conftest import ENCODER_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-ENCODER_DIR = ROOT / "models" / "all-MiniLM-L6-v2-int8"
 ROUTES_FILE = ROOT / "index_data" / "routes.yaml"
 
 # A handful of exemplars per route of index_data/routes.yaml: enough for clear decisions.
