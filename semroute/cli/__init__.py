@@ -11,8 +11,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from semroute.errors import SemrouteError
+
+if TYPE_CHECKING:
+    from semroute.config import Settings
 
 # Modules that contribute commands; each has register(top, groups).
 _COMMAND_MODULES = (
@@ -29,6 +34,16 @@ _GROUPS = {
     "serve": "run a gRPC service",
     "eval": "measure routing quality",
 }
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings from the ``--config`` file (when given) with flag overrides on top; overrides
+    left at None (flag not given) are skipped."""
+    from semroute.config import load_settings
+
+    config = getattr(args, "config", None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return load_settings(Path(config) if config else None, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from semroute.cli import settings_from_args
 from semroute.config import (
     DEFAULT_ENCODER_DIR,
     DEFAULT_INDEX_DIR,
     FP32_ENCODER_DIR,
-    load_settings,
 )
 from semroute.types import Decision, Policy, Query
 
@@ -89,7 +89,7 @@ def _build(args: argparse.Namespace) -> int:
     from semroute.encoder import OnnxEncoder
     from semroute.index import build_index
 
-    settings = load_settings(Path(args.config) if args.config else None)
+    settings = settings_from_args(args)
     index_settings = settings.index
     if args.factory:
         index_settings = index_settings.model_copy(update={"approx_factory": args.factory})
@@ -141,7 +141,7 @@ def _route(args: argparse.Namespace) -> int:
         return 0
     from semroute.router import Router
 
-    settings = load_settings(Path(args.config) if args.config else None)
+    settings = settings_from_args(args)
     router = Router.load(args.index, settings)
     for batch in batches:
         _print(router.route_batch(batch), args.json)

@@ -66,7 +66,8 @@ def register(top: Any, groups: dict[str, Any]) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {
+    """Settings the serve flags set (None: flag not given)."""
+    return {
         "dispatcher__router": args.router,
         "dispatcher__backends_file": args.backends,
         "dispatcher__rules_file": args.rules,
@@ -76,17 +77,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "dispatcher__http_port": args.http_port,
         "dispatcher__router_token": args.router_token,
     }
-    return {k: v for k, v in flags.items() if v is not None}
 
 
 def _serve_dispatcher(args: argparse.Namespace) -> int:
     import asyncio
 
-    from semroute.config import load_settings
+    from semroute.cli import settings_from_args
     from semroute.logs import configure_logging
 
-    config = getattr(args, "config", None)
-    settings = load_settings(Path(config) if config else None, **_overrides(args))
+    settings = settings_from_args(args, **_overrides(args))
     configure_logging(settings.log)
     asyncio.run(serve_dispatcher(settings))
     return 0

@@ -94,7 +94,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _router(args: argparse.Namespace, **extra: Any) -> Any:
-    from semroute.config import load_settings
+    from semroute.cli import settings_from_args
     from semroute.router import Router
 
     overrides: dict[str, Any] = {"limits__max_query_chars": _EVAL_MAX_CHARS}
@@ -102,8 +102,8 @@ def _router(args: argparse.Namespace, **extra: Any) -> Any:
         overrides["decision__k"] = args.k
     if getattr(args, "temperature", None) is not None:
         overrides["decision__temperature"] = args.temperature
-    overrides.update({k: v for k, v in extra.items() if v is not None})
-    settings = load_settings(Path(args.config) if args.config else None, **overrides)
+    overrides.update(extra)
+    settings = settings_from_args(args, **overrides)
     return Router.load(args.index, settings, encoder_path=args.encoder)
 
 

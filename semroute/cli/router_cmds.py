@@ -37,7 +37,8 @@ def register(top: Any, groups: dict[str, Any]) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {
+    """Settings the serve flags set (None: flag not given)."""
+    return {
         "router_server__host": args.host,
         "router_server__port": args.port,
         "router_server__metrics_port": args.metrics_port,
@@ -47,18 +48,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "auth__tokens_file": args.tokens_file,
         "auth__admin_tokens_file": args.admin_tokens_file,
     }
-    return {k: v for k, v in flags.items() if v is not None}
 
 
 def _serve_router(args: argparse.Namespace) -> int:
     import asyncio
 
-    from semroute.config import load_settings
+    from semroute.cli import settings_from_args
     from semroute.grpc.router_service import serve_router
     from semroute.logs import configure_logging
 
-    config = getattr(args, "config", None)
-    settings = load_settings(Path(config) if config else None, **_overrides(args))
+    settings = settings_from_args(args, **_overrides(args))
     configure_logging(settings.log)
     asyncio.run(serve_router(settings, args.index, encoder_path=args.encoder))
     return 0
