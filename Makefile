@@ -70,6 +70,7 @@ lint: $(DEPS)
 	$(BIN)/mypy semroute
 
 bench: setup
+	$(BIN)/python scripts/bench_encoder.py
 	$(BIN)/python scripts/bench_route.py
 	$(BIN)/python scripts/bench_grpc.py
 	$(BIN)/python scripts/bench_dispatch.py

@@ -8,7 +8,7 @@ out-of-scope queries instead of trusting a unanimous vote of distant neighbours.
 
 Outcome exemplars predict each target's quality as the neighbours' weighted mean score shrunk
 toward the target's mean over the whole exemplar set, with ``shrinkage`` pseudo-neighbours of
-prior weight. Without it a few neighbours produce ties and wild estimates (measured: plain
+prior weight. Without it a few neighbours produce ties and wild estimates (ANCHORS.md: plain
 cost-aware kNN never reached the best single model on the LLMRouter split).
 
 With ``local_k`` > 0 the estimate is hierarchical: the ``local_k`` closest neighbours' weighted

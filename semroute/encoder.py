@@ -7,12 +7,13 @@ limit rather than rejected.
 
 An int8 export (the served default) quantises activations at run time with one scale per
 *tensor*, so in a padded batch a text's embedding would depend on the other texts in it
-(measured: cosine down to 0.98 between a query embedded alone and in a batch of 256). A router
-must give a query the same decision whatever else is in flight, so int8 encoders run every text
-on its own (no padding at all). A lone text on an idle encoder gets all ``threads`` cores (0.9
-ms against 1.2 ms on one core for a short query here); when several texts are in flight each
-runs on one core, side by side, which wastes no time synchronising threads. fp32 exports are
-batch-invariant and run padded batches of similar-length texts.
+(``scripts/bench_encoder.py``: cosine down to 0.98 between a query embedded alone and in a
+batch of 256). A router must give a query the same decision whatever else is in flight, so int8
+encoders run every text on its own (no padding at all). A lone text on an idle encoder gets all
+``threads`` cores (faster than one core: see the ``bench:encoder`` section of
+docs/BENCHMARKS.md); when several texts are in flight each runs on one core, side by side,
+which wastes no time synchronising threads. fp32 exports are batch-invariant and run padded
+batches of similar-length texts.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class OnnxEncoder:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             elif spin_us:
                 # Bounded: a worker that spun on after a lone query would take the core from
-                # the other texts of a batch (measured 870 -> 1,020 texts/s at 500 us).
+                # the other texts of a batch (texts/s with and without: bench_encoder.py).
                 options.add_session_config_entry(
                     "session.intra_op.spin_duration_us", str(spin_us)
                 )

@@ -161,18 +161,17 @@ QUANTIZATION = "dynamic: int8 weights per output channel, activations quantized 
 def _quantize(fp32: Path, out: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
     """Fuse the BERT graph, then quantise it to int8. Returns the fused operator counts.
 
-    Fusion (onnxruntime.transformers, model type bert) turns about 850 small nodes into about
-    150 (attention, embedding + layer norm, bias + GELU), which matters once the matrix products
-    are cheap. Quantisation is dynamic (onnxruntime ``quantize_dynamic``): weights stored as
-    int8 with one scale per output channel, activations quantised at run time, so no
-    calibration data is needed.
+    Fusion (onnxruntime.transformers, model type bert) replaces many small nodes with a few
+    large ones (attention, embedding + layer norm, bias + GELU; the counts go into the
+    manifest), which matters once the matrix products are cheap. Quantisation is dynamic
+    (onnxruntime ``quantize_dynamic``): weights stored as int8 with one scale per output
+    channel, activations quantised at run time, so no calibration data is needed.
 
-    Why int8: for one short query the fp32 model is bound by reading 42 MB of weights; int8
-    reads a quarter of that. Measured here (one thread, short queries): 4.6 ms fp32, 1.5 ms
-    int8, 1.4 ms int8 fused. Banking77 accuracy 0.9240 fp32, 0.9247 int8 fused. Per-channel
-    scales keep embeddings at cosine 0.994 (mean; min 0.980) from fp32's, against 0.968 (min
-    0.896) with one scale per tensor. The activation scale is per tensor, so texts must be run
-    one at a time (see ``semroute.encoder``).
+    Why int8: for one short query the fp32 model is bound by reading its weights; int8 reads a
+    quarter as much. ``scripts/bench_encoder.py`` compares speed and closeness to fp32 (per
+    channel against one scale per tensor); ``scripts/bench_route.py`` the Banking77 accuracy.
+    The activation scale is per tensor, so texts must be run one at a time (see
+    ``semroute.encoder``).
     """
     import logging
 

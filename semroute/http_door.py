@@ -729,8 +729,9 @@ async def start_http_door(
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this. Without it Nagle + delayed ACK add ~40 ms to every
-        # response (uvicorn writes headers and body separately): measured 45 ms -> 2 ms.
+        # Accepted connections inherit this. Without it Nagle + delayed ACK hold back the body
+        # of every response by a delayed-ACK timeout (uvicorn writes headers and body apart);
+        # scripts/bench_http_door.py shows the door's overhead with it.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
     except OSError as exc:

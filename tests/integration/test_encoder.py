@@ -42,7 +42,7 @@ def test_fp32_export_matches_sentence_transformers(fp32_encoder, st_reference) -
 
 def test_served_int8_export_stays_close(onnx_encoder, fp32_encoder, st_reference) -> None:  # type: ignore[no-untyped-def]
     """The served int8 export (per-channel weights) is a quarter of the fp32 size and stays
-    within cosine 0.98 of sentence-transformers on every sample (measured 0.991-0.997)."""
+    within cosine 0.98 of sentence-transformers on every sample."""
     assert onnx_encoder.manifest["int8"] is True
     assert fp32_encoder.manifest["int8"] is False
     assert onnx_encoder.fingerprint != fp32_encoder.fingerprint
@@ -54,7 +54,7 @@ def test_served_int8_export_stays_close(onnx_encoder, fp32_encoder, st_reference
 
 def test_single_and_batched_embeddings_agree(onnx_encoder) -> None:  # type: ignore[no-untyped-def]
     """A text embeds the same alone or in a batch. The served int8 model quantises activations
-    per tensor, so a padded batch would not give this (cosine down to 0.98 measured): it runs
+    per tensor, so a padded batch would not give this (see scripts/bench_encoder.py): it runs
     each text on its own, on whichever session (all threads or one) is free."""
     batch = onnx_encoder.encode(SAMPLE)
     single = np.vstack([onnx_encoder.encode([t]) for t in SAMPLE])
