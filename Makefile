@@ -20,13 +20,23 @@ INDEX := $(INDEX_DIR)/current/manifest.json
 
 .PHONY: setup proto demo serve test test-unit lint bench eval clean
 
-setup: $(DEPS) $(LLM) $(NODE) $(FP32) $(ENCODER) $(INDEX)
+SERVERS := $(VENV)/.stamp-servers
+
+setup: $(DEPS) $(LLM) $(NODE) $(SERVERS) $(FP32) $(ENCODER) $(INDEX)
+
+# Real servers the tests start on free loopback ports: PostgreSQL for the shared decision log.
+# Debian packages, installed only when missing (apt-get update once, first).
+$(SERVERS):
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
+	@mkdir -p $(VENV) && touch $@
 
 # torch first and pinned: an unpinned torch pulls GBs of CUDA wheels.
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,eval,dev]'
+	$(BIN)/pip install -q -e '.[export,eval,dev,postgres]'
 	touch $@
 
 # The local LLM for the demo and e2e tests. GGML_NATIVE=OFF: the native build crashes on AMX CPUs.

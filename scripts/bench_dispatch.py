@@ -39,7 +39,7 @@ from typing import Any
 import benchlib
 import httpx
 
-from semroute.dispatch_client import DispatcherClient
+from semroute.grpc.dispatcher_client import DispatcherClient
 from semroute.types import ChatRequest, DeltaEvent, GenerationParams, Message, RoutingOverrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> list[dict[str, 
             if importlib.util.find_spec("llama_cpp") is None:
                 print("(llama_cpp not installed: no real-LLM rows; run `make setup`)")
             else:
-                from semroute.devstack import start_llama
+                from semroute.testing.devstack import start_llama
 
                 llama = await asyncio.to_thread(start_llama, "local-small", log_dir)
                 try:

@@ -28,8 +28,14 @@ import benchlib
 import numpy as np
 
 from semroute.config import EncoderSettings
-from semroute.encoder import OnnxEncoder, embed_many
-from semroute.export import MANIFEST, MODEL_FILE, TOKENIZER_FILE, fingerprint_files
+from semroute.encoder import (
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    OnnxEncoder,
+    embed_many,
+    fingerprint_files,
+)
 
 OUT = benchlib.ROOT / "out" / "bench_encoder"
 

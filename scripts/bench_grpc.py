@@ -1,6 +1,8 @@
 """Benchmark the router gRPC service: latency at one client, throughput at 64 concurrent clients.
 
     .venv/bin/python scripts/bench_grpc.py            # prints a table, updates docs/BENCHMARKS.md
+    .venv/bin/python scripts/bench_grpc.py --starvation   # only: single-call latency while two
+                                                          # clients send big RouteBatch calls
 
 Setup, so the figures can be reproduced and compared:
 - index: Banking77 train (../shared/data/banking77/train.csv, 10,003 exemplars, 77 routes),
@@ -132,7 +134,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def single_client(addr: str, texts: list[str]) -> list[float]:
-    from semroute.client import RouterClient
+    from semroute.grpc.router_client import RouterClient
 
     latencies = []
     async with RouterClient(addr, timeout=30) as client:
@@ -146,7 +148,7 @@ async def single_client(addr: str, texts: list[str]) -> list[float]:
 async def empty_calls(addr: str, n: int) -> list[float]:
     """Latency of GetIndexInfo (no encoder, no search): the floor of any call to this server
     from this client, on this machine."""
-    from semroute.client import RouterClient
+    from semroute.grpc.router_client import RouterClient
 
     latencies = []
     async with RouterClient(addr, timeout=30) as client:
@@ -160,7 +162,7 @@ async def empty_calls(addr: str, n: int) -> list[float]:
 async def concurrent_clients(
     addr: str, texts: list[str], clients: int, seconds: float
 ) -> tuple[int, float, list[float], int]:
-    from semroute.client import RouterClient
+    from semroute.grpc.router_client import RouterClient
 
     stop_at = time.perf_counter() + seconds
     latencies: list[float] = []
@@ -311,9 +313,14 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
                         help="extra server setting, e.g. router_server__workers=1 (repeatable)")
+    parser.add_argument("--starvation", action="store_true",
+                        help="only measure single Route latency under two big RouteBatch "
+                        "clients (256 x 8,192 characters each call), on the starter index")
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.starvation:
+        return starvation_main(args)
     queries = read_texts(args.queries)
     variants = [
         Variant("int8, HNSW32 (defaults)", ENCODER_DIR, hnsw=True),
@@ -381,6 +388,113 @@ Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
         benchlib.write_section("grpc", body)
     summary = {label: {n: v for n, v, _ in rows} for label, rows, _ in results}
     (OUT / "result.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---- big batches vs single calls (issue 18 item 5) ----------------------------------------------
+
+STARTER_INDEX = ROOT / "index_data" / "build" / "default"
+SINGLE_QUERIES = ["Hi there!", "What is 17 times 23?", "Write a haiku about rain",
+                  "Summarise this article about interest rates", "Fix this Python error"]
+
+
+async def single_latencies(addr: str, seconds: float) -> list[float]:
+    """Route calls one after another for ``seconds``; each call's latency in ms."""
+    from semroute.grpc.router_client import RouterClient
+
+    out: list[float] = []
+    async with RouterClient(addr, timeout=60) as client:
+        end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await client.route(f"{SINGLE_QUERIES[i % len(SINGLE_QUERIES)]} #{i}")
+            out.append((time.perf_counter() - t0) * 1000)
+            i += 1
+            await asyncio.sleep(0.01)
+    return out
+
+
+async def batch_load(addr: str, stop: asyncio.Event, done: list[float]) -> None:
+    """RouteBatch calls of 256 long queries, back to back, until ``stop``."""
+    from semroute.grpc.router_client import RouterClient
+    from semroute.types import Query
+
+    filler = "please explain the history of this topic in detail "
+    async with RouterClient(addr, timeout=600) as client:
+        n = 0
+        while not stop.is_set():
+            queries = [Query((f"{n}.{i} " + filler * 200)[:8192]) for i in range(256)]
+            t0 = time.perf_counter()
+            await client.route_batch(queries)
+            done.append(time.perf_counter() - t0)
+            n += 1
+
+
+async def measure_starvation(addr: str, seconds: float) -> dict[str, float]:
+    """Single-call p50/p99 alone, then with two big-batch clients running."""
+    alone = await single_latencies(addr, min(seconds, 5.0))
+    stop = asyncio.Event()
+    batches: list[float] = []
+    loaders = [asyncio.create_task(batch_load(addr, stop, batches)) for _ in range(2)]
+    await asyncio.sleep(1.0)  # both batch clients are in flight
+    loaded = await single_latencies(addr, seconds)
+    stop.set()
+    for task in loaders:  # a batch in flight may take a minute: no need to wait for it
+        task.cancel()
+    await asyncio.gather(*loaders, return_exceptions=True)
+    return {
+        "alone_p50_ms": pct(alone, 0.5), "alone_p99_ms": pct(alone, 0.99),
+        "loaded_p50_ms": pct(loaded, 0.5), "loaded_p99_ms": pct(loaded, 0.99),
+        "loaded_max_ms": max(loaded), "loaded_calls": float(len(loaded)),
+        "batches": float(len(batches)),
+        "batch_s_median": statistics.median(batches) if batches else -1.0,
+    }
+
+
+def starvation_main(args: argparse.Namespace) -> int:
+    port, metrics_port = free_port(), free_port()
+    log_path = OUT / "router-starvation.log"
+    overrides = dict(o.split("=", 1) for o in args.set)
+    env = {f"SEMROUTE_{k.upper()}": v for k, v in overrides.items()}
+    proc = start_server(STARTER_INDEX, ENCODER_DIR, port, metrics_port, log_path, env)
+    addr = f"127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_serving(addr, proc, log_path))
+        result = asyncio.run(measure_starvation(addr, args.seconds))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    rows = [
+        ("single Route p50, alone", f"{result['alone_p50_ms']:.1f} ms"),
+        ("single Route p99, alone", f"{result['alone_p99_ms']:.1f} ms"),
+        ("single Route p50, 2 big-batch clients", f"{result['loaded_p50_ms']:.1f} ms"),
+        ("single Route p99, 2 big-batch clients", f"{result['loaded_p99_ms']:.1f} ms"),
+        ("single Route max, 2 big-batch clients", f"{result['loaded_max_ms']:.1f} ms"),
+        ("single calls measured under load", f"{result['loaded_calls']:.0f}"),
+        ("RouteBatch calls (256 x 8,192 chars) completed", f"{result['batches']:.0f}"),
+    ]
+    for name, value in rows:
+        print(f"{name:48s} {value}")
+    if not args.no_write:
+        command = " ".join(["scripts/bench_grpc.py", *sys.argv[1:]])
+        table = "\n".join(["| measure | value |", "|---|---|"]
+                          + [f"| {n} | {v} |" for n, v in rows])
+        body = f"""## Big batches vs single calls (`scripts/bench_grpc.py --starvation`)
+
+Command: `.venv/bin/python {command}`; {benchlib.machine()}.
+Server: `semroute serve router` on the starter index, defaults (2 workers; RouteBatch cut into
+slices of `limits.batch_slice_tokens` = 2,048 estimated tokens that run one at a time in a lane
+one worker short, so single calls always find a worker). Load: two clients sending RouteBatch
+calls of 256 queries of 8,192 characters back to back while one client sends single Route calls
+(10 ms apart) for {args.seconds:.0f} s (one such batch takes tens of seconds on this machine, so
+few complete in the window). Before the fix the tester measured 9.8 s for a single call under
+this load.
+
+{table}
+"""
+        benchlib.write_section("grpc-starvation", body)
+    (OUT / "starvation.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 from benchlib import DOC, ENCODER_DIR, ROOT, machine, write_section
 
-from semroute.devstack import (
+from semroute.testing.devstack import (
     ManagedProcess,
     child_env,
     start_dispatcher,

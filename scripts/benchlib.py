@@ -34,10 +34,10 @@ def machine() -> str:
     )
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the ``bench:NAME`` section of docs/BENCHMARKS.md."""
+def write_section(name: str, body: str, doc: Path = DOC, header: str = HEADER) -> None:
+    """Replace (or append) the ``bench:NAME`` section of ``doc`` (docs/BENCHMARKS.md)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = doc.read_text() if doc.exists() else header
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text and end in text:
         head, rest = text.split(start, 1)
@@ -45,9 +45,9 @@ def write_section(name: str, body: str) -> None:
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-    print(f"wrote the bench:{name} section of {DOC.relative_to(ROOT)}")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote the bench:{name} section of {doc.relative_to(ROOT)}")
 
 
 def read_texts(path: Path) -> list[str]:

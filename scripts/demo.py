@@ -4,7 +4,9 @@ Starts two llama.cpp servers with SmolLM2-135M-Instruct (targets local-small and
 the router on the default index and the dispatcher, all on free loopback ports; sends prompts of
 different kinds through the dispatcher's gRPC API, printing each routing decision and the streamed
 answer; shuts everything down and exits 0 (1 if a prompt failed). Cloud keys are not passed to
-the services unless --allow-cloud, so nothing leaves the machine.
+the services unless --allow-cloud, so nothing leaves the machine. The services die with the
+demo, even when it is SIGKILLed, and the demo stops them when its own parent (``make``) dies
+(PR_SET_PDEATHSIG, see ``semroute.testing.devstack``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from pathlib import Path
 
 from semroute.cli.dispatch_cmds import decision_line
 from semroute.config import DEFAULT_ENCODER_DIR, DEFAULT_INDEX_DIR
-from semroute.devstack import DevStack, sigterm_as_keyboard_interrupt
-from semroute.dispatch_client import DispatcherClient
 from semroute.errors import SemrouteError
+from semroute.grpc.dispatcher_client import DispatcherClient
+from semroute.testing.devstack import (
+    DevStack,
+    die_with_my_parent,
+    sigterm_as_keyboard_interrupt,
+)
 from semroute.types import (
     ChatRequest,
     DecisionEvent,
@@ -144,4 +150,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_my_parent()  # `make demo` killed: the demo and, through it, its services stop
     sys.exit(main())

@@ -2,8 +2,17 @@
 
 Two llama.cpp servers (local-small on 8081, local-large on 8082), the router (gRPC 50051,
 metrics 9464) and the dispatcher (gRPC 50052, metrics 9465, OpenAI-compatible HTTP on 8000), all
-on 127.0.0.1. Ctrl-C (or SIGTERM) stops them in reverse order. If one of them dies, the others are
-stopped and the exit code is 1. See deploy/README.md.
+on 127.0.0.1. Ctrl-C (or SIGTERM) stops them all within 10 s, the dispatcher first. If one of
+them dies, the others are stopped and the exit code is 1. See deploy/README.md.
+
+Nothing outlives this runner: its children die with it even when it is SIGKILLed (Linux
+``PR_SET_PDEATHSIG``, see ``semroute.testing.devstack``), and the runner itself gets SIGTERM
+when its own parent dies (``make`` killed by a supervisor), so the next ``make serve`` finds
+its ports free. To keep a stack running after its terminal closes, run it under a supervisor
+(systemd, tmux), not ``nohup``.
+
+``--fake-llm`` serves local-small and local-large with fault servers (canned answers, no model):
+a stack that starts in seconds, for trying the plumbing and for tests. Port 0 = a free port.
 """
 
 from __future__ import annotations
@@ -15,8 +24,13 @@ import time
 from pathlib import Path
 
 from semroute.config import DEFAULT_ENCODER_DIR, DEFAULT_INDEX_DIR
-from semroute.devstack import DevStack, StackPorts, sigterm_as_keyboard_interrupt
 from semroute.errors import SemrouteError
+from semroute.testing.devstack import (
+    DevStack,
+    StackPorts,
+    die_with_my_parent,
+    sigterm_as_keyboard_interrupt,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cloud", action="store_true",
                         help="pass OPENAI_API_KEY to the dispatcher (cloud targets may answer)")
     parser.add_argument("--log-dir", type=Path, default=None, help="[a new temporary directory]")
+    parser.add_argument("--fake-llm", action="store_true",
+                        help="fault servers instead of llama.cpp for the local targets (no model)")
     args = parser.parse_args(argv)
     if not (args.index / "current").exists():
         print(f"serve: no index at {args.index}; run `make setup` first", file=sys.stderr)
@@ -60,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             ports=ports,
             allow_cloud=args.allow_cloud,
             n_threads=args.threads,
+            fake_llm=args.fake_llm,
             progress=lambda msg: print(f"serve: {msg}", flush=True),
         ) as stack:
             _banner(stack, log_dir)
@@ -97,4 +114,5 @@ def _banner(stack: DevStack, log_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    die_with_my_parent()
     sys.exit(main())

@@ -85,10 +85,11 @@ class IndexSettings(BaseModel):
         "HNSW32", description="FAISS factory string for larger indexes (inner product)"
     )
     hnsw_ef_search: int = Field(64, ge=1)
-    projection: Literal["none", "learned"] = Field(
-        "none",
+    projection: Literal["auto", "none", "learned"] = Field(
+        "auto",
         description="labelled indexes: 'learned' fits a linear projection on the exemplars at "
-        "build time (stored in the index, applied to queries before the FAISS lookup)",
+        "build time (stored in the index, applied to queries before the FAISS lookup); 'auto' "
+        "lets the build's cross-validation decide (off when tuning is skipped)",
     )
     projection_epochs: int = Field(10, ge=1, description="training epochs of the projection")
 
@@ -97,6 +98,27 @@ class LimitSettings(BaseModel):
     max_query_chars: int = Field(8192, ge=1)
     max_history_turns: int = Field(16, ge=0)
     max_batch: int = Field(256, ge=1, description="queries per RouteBatch call")
+    # Chat requests (both doors, one validator: semroute.dispatch.validate).
+    max_messages: int = Field(256, ge=1, description="messages in one chat request")
+    max_message_chars: int = Field(
+        200_000, ge=1, description="characters in one chat message's content"
+    )
+    max_stop: int = Field(4, ge=0, description="stop sequences in one chat request")
+    max_stop_chars: int = Field(256, ge=1, description="characters in one stop sequence")
+    max_tokens: int = Field(
+        131_072, ge=1, description="cap on a chat's max_tokens (a backend's own context, when "
+        "configured, is checked as well)"
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="HTTP door: largest request body (413 above it)"
+    )
+    max_json_depth: int = Field(
+        64, ge=4, description="HTTP door: deepest nesting of a JSON body (400 above it)"
+    )
+    batch_slice_tokens: int = Field(
+        2048, ge=1, description="RouteBatch: work per slice (estimated tokens); slices of a big "
+        "batch interleave with single Route calls so batches cannot starve them"
+    )
 
 
 def _split_commas(value: Any) -> Any:
@@ -150,15 +172,57 @@ class DispatcherSettings(BaseModel):
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(10.0, gt=0)
     rules_file: Path | None = None
-    router_token: str | None = Field(None, description="bearer token for the router's auth")
+    router_token: str | None = Field(
+        None, description="bearer token for the router's auth (prefer router_token_file or the "
+        "SEMROUTE_DISPATCHER__ROUTER_TOKEN variable: a command-line value shows in `ps`)"
+    )
+    router_token_file: Path | None = Field(
+        None, description="file holding the router's bearer token (first non-comment line)"
+    )
     router_tls_ca: Path | None = Field(None, description="CA file: reach the router over TLS")
     router_timeout_s: float = Field(5.0, gt=0, description="deadline of each router call")
+    router_retry_backoff_s: float = Field(
+        0.05, ge=0, description="wait before the one retry of a router call that could not "
+        "connect (jittered)"
+    )
+    router_breaker_failures: int = Field(
+        3, ge=1, description="consecutive unreachable router calls that open its breaker"
+    )
+    router_breaker_cooldown_s: float = Field(
+        2.0, gt=0, description="while the router's breaker is open, chats use fallback_targets "
+        "without trying the router; then one probe call"
+    )
+    fallback_targets: list[str] = Field(
+        default_factory=list, description="the chain used when the router cannot be reached "
+        "(empty: every local backend, then the others, in backends-file order)"
+    )
+    first_token_budget_s: float = Field(
+        60.0, gt=0, description="total time to the first token across the whole chain "
+        "(retries and failovers included); the client's deadline when shorter"
+    )
+    max_retry_after_s: float = Field(
+        10.0, ge=0, description="longest backend Retry-After waited for on the same target "
+        "(longer: next target, and the backend is held off for that long)"
+    )
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
     route_max_chars: int = Field(
         2048, ge=1, description="characters of each user turn sent to the router (the encoder "
         "reads about 256 tokens anyway): long prompts are routed on their beginning"
     )
     route_history_turns: int = Field(8, ge=0, description="earlier user turns sent to the router")
+
+
+class LoopSettings(BaseModel):
+    decision_log: str = Field(
+        "sqlite:state/decisions.db",
+        description="where the dispatcher records every routed request and its feedback: "
+        "sqlite:PATH (embedded, one machine), postgresql://... (shared by replicas), '' = off",
+    )
+    retention_days: float = Field(30.0, ge=0, description="log rows older than this are purged")
+    queue: int = Field(
+        10_000, ge=1, description="rows waiting for the writer; past this, rows are dropped "
+        "and counted (a slow database never blocks a request)"
+    )
 
 
 class LogSettings(BaseModel):
@@ -180,6 +244,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     router_server: RouterServerSettings = RouterServerSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
+    loop: LoopSettings = LoopSettings()
     log: LogSettings = LogSettings()
 
 

@@ -17,6 +17,14 @@ neighbourhood (itself shrunk toward the global mean as above) instead of straigh
 global mean. The closest exemplars then refine the broad neighbourhood's answer without the
 noise of trusting a few of them alone (LLMRouter, 5-fold CV on the train split: AIQ 0.6310 ->
 0.6324, highest quality 0.6536 -> 0.6557; see docs/EVAL.md).
+
+With ``use_neighbours`` off (set by a build whose kNN estimate could not beat the single-target
+hull on its own CV folds, ``semroute.tune.outcomes``) every query gets the targets' mean scores:
+the decision degrades to the best single target for the cost weight in force.
+
+A labelled decision's confidence is the vote share, or, when the index carries an abstention
+model (``semroute.abstain``, fitted at build time), that model's P(right) from the neighbours'
+distance and agreement; thresholds compare against whichever the index provides.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from semroute.abstain import AbstainModel, neighbour_features
 from semroute.errors import NoTargetAvailable
 from semroute.types import Decision, Neighbor, Policy, RouteTable
 
@@ -41,6 +50,8 @@ class DecisionParams:
     cost_weight: float = 0.0
     local_k: int = 0
     local_shrinkage: float = 100.0
+    use_neighbours: bool = True
+    abstain: AbstainModel | None = None
 
 
 def neighbour_weights(sims: FloatArray, weights: FloatArray, temperature: float) -> FloatArray:
@@ -96,7 +107,7 @@ def predict_quality(
     ``predict_quality_local`` over the ``local_k`` closest neighbours.
     """
     n_targets = prior_means.shape[0]
-    if sims.size == 0:
+    if sims.size == 0 or not params.use_neighbours:
         return prior_means.astype(np.float32).copy()
     w = neighbour_weights(sims, exemplar_weights, params.temperature)
     q = _shrunk_mean(w, neighbour_scores, prior_means, params.shrinkage)
@@ -189,8 +200,13 @@ def decide_labelled(
     table: RouteTable,
     policy: Policy,
     params: DecisionParams,
+    densities: FloatArray | None = None,
 ) -> Decision:
-    """A decision from one query's neighbours over a labelled index."""
+    """A decision from one query's neighbours over a labelled index.
+
+    ``densities`` (each exemplar's own density, stored in the index) is needed for the
+    abstention model's score; without it, or without a model, confidence is the vote share.
+    """
     valid = ids >= 0
     sims, ids = sims[valid], ids[valid]
     neighbour_labels = [str(x) for x in labels[ids]]
@@ -198,12 +214,20 @@ def decide_labelled(
     if not shares:
         raise NoTargetAvailable("the index returned no neighbours")
     route = winning_label(shares, sims, neighbour_labels)
-    confidence = shares[route]
     best_match = float(sims.max())
-    reason = (
-        f"route {route!r} has {confidence:.2f} of the vote of {len(sims)} nearest exemplars "
-        f"(best match {best_match:.2f})"
-    )
+    if params.abstain is not None and densities is not None:
+        feats = neighbour_features(sims, shares, route, densities[ids])
+        confidence = params.abstain.score(feats)
+        reason = (
+            f"route {route!r} has {shares[route]:.2f} of the vote of {len(sims)} nearest "
+            f"exemplars (best match {best_match:.2f}, abstention score {confidence:.2f})"
+        )
+    else:
+        confidence = shares[route]
+        reason = (
+            f"route {route!r} has {confidence:.2f} of the vote of {len(sims)} nearest exemplars "
+            f"(best match {best_match:.2f})"
+        )
     fallback = False
     threshold = table.threshold_for(route)
     if (

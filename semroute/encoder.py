@@ -18,13 +18,13 @@ batches of similar-length texts.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,80 @@ import numpy as np
 
 from semroute.config import EncoderSettings
 from semroute.errors import EncoderError
-from semroute.export import MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from semroute.logs import ProgressCallback, stderr_progress
 from semroute.types import Encoder, Vectors
+
+# The files of an exported encoder directory (written by ``semroute.export``).
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+ENCODER_FORMAT = 1
+
+
+def fingerprint_files(*paths: Path) -> str:
+    """sha256 over the given files, in order; names are not part of the hash."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+
+@dataclass(frozen=True)
+class EncoderManifest:
+    """What ``manifest.json`` of an exported encoder says (``semroute.export`` writes it).
+
+    ``extra`` keeps the keys this version does not model (``source``, ``quantization``, the
+    fused operator counts, what a tuned encoder records), so they survive a read and a write.
+    """
+
+    dimension: int
+    max_tokens: int
+    fingerprint: str
+    int8: bool = False
+    pooling: str = "mean"
+    normalized: bool = True
+    format: int = ENCODER_FORMAT
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> EncoderManifest:
+        """Raises EncoderError naming ``where`` and the field for a missing or mistyped field."""
+        if not isinstance(data, dict):
+            raise EncoderError(f"{where}: the manifest must be a JSON object; re-export")
+        kinds: dict[str, type] = {
+            "dimension": int, "max_tokens": int, "fingerprint": str, "int8": bool,
+            "pooling": str, "normalized": bool, "format": int,
+        }
+        values: dict[str, Any] = {}
+        for key, kind in kinds.items():
+            if key not in data:
+                if key in ("dimension", "max_tokens", "fingerprint"):
+                    raise EncoderError(f"{where}: field {key!r} missing; re-export the encoder")
+                continue
+            value = data[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise EncoderError(
+                    f"{where}: field {key!r} must be {kind.__name__}, got {value!r}; re-export"
+                )
+            values[key] = value
+        if values.get("format", ENCODER_FORMAT) > ENCODER_FORMAT:
+            raise EncoderError(
+                f"{where}: encoder format {values['format']} is newer than this semroute reads "
+                f"({ENCODER_FORMAT}); upgrade semroute or re-export with this version"
+            )
+        extra = {k: v for k, v in data.items() if k not in kinds}
+        return cls(**values, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``from_dict`` reads back to an equal manifest."""
+        return {
+            "format": self.format, **self.extra, "dimension": self.dimension,
+            "max_tokens": self.max_tokens, "pooling": self.pooling,
+            "normalized": self.normalized, "int8": self.int8, "fingerprint": self.fingerprint,
+        }
 
 
 class OnnxEncoder:
@@ -45,7 +117,7 @@ class OnnxEncoder:
     def __init__(
         self,
         path: Path,
-        manifest: dict[str, Any],
+        manifest: EncoderManifest,
         session: Any,
         tokenizer: Any,
         *,
@@ -80,9 +152,10 @@ class OnnxEncoder:
                 f"`semroute encoder export --out {path}`"
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
+            raw = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise EncoderError(f"{manifest_path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        manifest = EncoderManifest.from_dict(raw, str(manifest_path))
         for name in (MODEL_FILE, TOKENIZER_FILE):
             if not (path / name).exists():
                 raise EncoderError(f"{path}: {name} missing; re-export the encoder")
@@ -105,8 +178,8 @@ class OnnxEncoder:
 
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=int(manifest["max_tokens"]))
-        if not manifest.get("int8"):
+        tokenizer.enable_truncation(max_length=manifest.max_tokens)
+        if not manifest.int8:
             return cls(path, manifest, session(threads), tokenizer)
         return cls(
             path, manifest, session(1), tokenizer, per_text_threads=threads,
@@ -120,15 +193,15 @@ class OnnxEncoder:
 
     @property
     def dimension(self) -> int:
-        return int(self.manifest["dimension"])
+        return self.manifest.dimension
 
     @property
     def fingerprint(self) -> str:
-        return str(self.manifest["fingerprint"])
+        return self.manifest.fingerprint
 
     @property
     def max_tokens(self) -> int:
-        return int(self.manifest["max_tokens"])
+        return self.manifest.max_tokens
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text).ids)
@@ -193,25 +266,27 @@ class OnnxEncoder:
 
 
 def embed_many(
-    encoder: Encoder, texts: Sequence[str], batch_size: int = 64, *, progress: bool = False
+    encoder: Encoder,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    *,
+    progress: ProgressCallback | bool | None = None,
 ) -> Vectors:
     """Embed many texts ``batch_size`` at a time (bounded memory), in input order.
 
     Texts are sorted by length first so each batch holds similar lengths (little padding).
-    ``progress`` prints a rate line on stderr (live on a terminal, once at the end otherwise).
+    ``progress(done, total)`` is called after each batch (``True``: a line on stderr, see
+    ``semroute.logs.stderr_progress``).
     """
+    if progress is True:
+        progress = stderr_progress("embedding")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
-    started = time.perf_counter()
-    live = progress and sys.stderr.isatty()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         out[chunk] = encoder.encode([texts[i] for i in chunk])
-        done = min(start + batch_size, len(order))
-        if live or (progress and done == len(order)):
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            end = "\n" if done == len(order) else "\r"
-            print(f"embedding {done}/{len(order)} ({rate:.0f}/s)", end=end, file=sys.stderr)
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
     return out
 
 

@@ -2,8 +2,9 @@
 
 Every failure a user can hit is one of these, with a message that says what was wrong, where
 (file:line, field, limit) and what to do. The gRPC layer maps each class to a status code through
-``GRPC_STATUS`` (by code *name*, so the core never imports grpc); the HTTP door maps them through
-``HTTP_STATUS``.
+``GRPC_STATUS`` (by code *name*, so the core never imports grpc) and names the class in the
+call's trailers, so a client raises the very class the server raised (``ERROR_CLASSES`` and
+``restore``); the HTTP door maps them through ``HTTP_STATUS``. Every error class lives here.
 
 ::
 
@@ -15,15 +16,27 @@ Every failure a user can hit is one of these, with a message that says what was 
     │   ├── IndexNotFound           no index at the path / no `current`
     │   ├── FingerprintMismatch     index built with another encoder
     │   └── CorruptIndex            checksum or format mismatch
+    ├── ReloadFailed                a reload was refused; the previous index keeps serving
+    ├── StackError                  a local process (dev stack, test server) failed to start
     ├── InvalidRequest              a request field is wrong (names the field and the limit)
-    │   └── UnknownTarget           a policy names a target the index does not know
+    │   ├── UnknownTarget           a policy names a target the index does not know
+    │   │   └── ModelNotFound       `model` is neither `auto` nor a target (HTTP 404)
+    │   ├── PayloadTooLarge         an HTTP body over its limit (HTTP 413)
+    │   ├── UnsupportedMediaType    an HTTP body that is not JSON (HTTP 415)
+    │   └── RequestRejected         a backend refused the request itself (4xx: context, role)
+    ├── NotFound                    a request names something unknown here (HTTP 404)
     ├── NotReady                    the service has no index loaded yet
+    │   ├── ServiceUnreachable      a service we call did not answer (refused, deadline)
+    │   ├── ShuttingDown            the server is draining: no new calls
+    │   └── RoutingUnavailable      the router refused us (our credentials): an operator problem
     ├── Unauthenticated             missing or unknown bearer token
     ├── PermissionDenied            valid token without the needed role
-    ├── NoTargetAvailable           the policy leaves no target to route to / all targets failed
+    ├── NoTargetAvailable           the policy leaves no target to route to
+    │   └── DispatchFailed          every target failed before the commit point (`attempts`)
     └── BackendError                an LLM backend call failed
         ├── BackendUnavailable      connection refused/reset, DNS, 5xx      (retriable)
         ├── BackendRateLimited      429                                    (retriable)
+        │   └── ConcurrencyLimited  our own per-backend concurrency limit  (next target)
         ├── BackendTimeout          connect / first-token / idle / total    (retriable before commit)
         ├── BackendProtocolError    malformed SSE or JSON                   (retriable before commit)
         ├── BackendRejected         4xx other than 429 (bad request, auth)  (not retriable)
@@ -33,6 +46,7 @@ Every failure a user can hit is one of these, with a message that says what was 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -104,8 +118,52 @@ class UnknownTarget(InvalidRequest):
     pass
 
 
+class ModelNotFound(UnknownTarget):
+    """``model`` is neither ``auto`` nor a configured target (HTTP 404, as OpenAI does)."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """An HTTP request body larger than the door accepts (HTTP 413)."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """An HTTP request body whose Content-Type is not JSON (HTTP 415)."""
+
+
+class RequestRejected(InvalidRequest):
+    """A backend refused the request itself (HTTP 400/413/422 from it: context length, a role
+    or parameter it does not take). The client's doing: not retried elsewhere, not held
+    against the backend's breaker."""
+
+
 class NotReady(SemrouteError):
     pass
+
+
+class NotFound(SemrouteError):
+    """A request names something that does not exist here (feedback on an unknown request id)."""
+
+
+class ShuttingDown(NotReady):
+    """The server is draining after SIGTERM and takes no new calls (retry on another replica)."""
+
+
+class RoutingUnavailable(NotReady):
+    """The router answered but refused the dispatcher (its token or role): a server-side
+    problem, reported to users without internal details (the log names the setting)."""
+
+
+class ServiceUnreachable(NotReady):
+    """A service we call (the router, from the dispatcher) did not answer: connection refused,
+    deadline exceeded, or UNAVAILABLE without a semroute error of its own."""
+
+
+class ReloadFailed(SemrouteError):
+    """The server could not load the requested index; the previous one keeps serving."""
+
+
+class StackError(SemrouteError):
+    """A process of a local stack (llama.cpp, router, dispatcher) failed to start or died."""
 
 
 class Unauthenticated(SemrouteError):
@@ -118,6 +176,37 @@ class PermissionDenied(SemrouteError):
 
 class NoTargetAvailable(SemrouteError):
     pass
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try (or skip) of one target. ``kind`` is the error class name (``Skipped`` when the
+    target was not called at all: no backend, key variable unset)."""
+
+    target: str
+    kind: str
+    message: str
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.kind}: {self.message}"
+
+
+class DispatchFailed(NoTargetAvailable):
+    """No target in the chain could answer before the commit point. ``attempts`` in order."""
+
+    def __init__(self, message: str, attempts: Sequence[Attempt] = ()) -> None:
+        self.attempts = tuple(attempts)
+        if self.attempts:
+            lines = "\n".join(f"  {i}. {a}" for i, a in enumerate(self.attempts, 1))
+            message = f"{message}:\n{lines}"
+        super().__init__(message)
+
+    def cause_kind(self) -> str | None:
+        """The class name of the last failure that reached a backend (None if every target was
+        skipped or its breaker was open): what the HTTP door reports as the status."""
+        called = [a.kind for a in self.attempts if a.kind not in ("Skipped", "CircuitOpen")]
+        return called[-1] if called else None
 
 
 class BackendError(SemrouteError):
@@ -136,6 +225,10 @@ class BackendUnavailable(BackendError):
 
 class BackendRateLimited(BackendError):
     pass
+
+
+class ConcurrencyLimited(BackendRateLimited):
+    """Our own per-backend concurrency limit was reached (says nothing about the backend)."""
 
 
 class BackendTimeout(BackendError):
@@ -165,6 +258,8 @@ GRPC_STATUS: dict[type[SemrouteError], str] = {
     ConfigError: "FAILED_PRECONDITION",
     IndexArtifactError: "FAILED_PRECONDITION",
     EncoderError: "FAILED_PRECONDITION",
+    ReloadFailed: "FAILED_PRECONDITION",
+    NotFound: "NOT_FOUND",
     NotReady: "UNAVAILABLE",
     Unauthenticated: "UNAUTHENTICATED",
     PermissionDenied: "PERMISSION_DENIED",
@@ -178,6 +273,10 @@ GRPC_STATUS: dict[type[SemrouteError], str] = {
 }
 
 HTTP_STATUS: dict[type[SemrouteError], int] = {
+    ModelNotFound: 404,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     InvalidRequest: 400,
     Unauthenticated: 401,
     PermissionDenied: 403,
@@ -204,4 +303,59 @@ def grpc_status_name(exc: BaseException) -> str:
 
 def http_status(exc: BaseException) -> int:
     """The HTTP status code for an error (OpenAI-compatible door)."""
-    return _lookup(HTTP_STATUS, exc, 500)
+    return http_status_of(type(exc))
+
+
+def http_status_of(cls: type[BaseException]) -> int:
+    """The HTTP status code for an error class."""
+    for base in cls.__mro__:
+        if base in HTTP_STATUS:
+            return HTTP_STATUS[base]
+    return 500
+
+
+ERROR_CLASSES: dict[str, type[SemrouteError]] = {
+    cls.__name__: cls
+    for cls in (
+        SemrouteError, ConfigError, ExemplarError, EncoderError, IndexArtifactError,
+        IndexNotFound, FingerprintMismatch, CorruptIndex, ReloadFailed, StackError,
+        InvalidRequest, UnknownTarget, ModelNotFound, NotFound, NotReady, ServiceUnreachable,
+        PayloadTooLarge, UnsupportedMediaType, RequestRejected, ShuttingDown, RoutingUnavailable,
+        Unauthenticated, PermissionDenied, NoTargetAvailable, DispatchFailed, BackendError,
+        BackendUnavailable, BackendRateLimited, ConcurrencyLimited, BackendTimeout,
+        BackendProtocolError, BackendRejected, CircuitOpen, StreamInterrupted,
+    )
+}
+"""Every error class by name: what a client reads from the ``semroute-error`` trailer."""
+
+# When a status arrives without our trailer (the transport failed, or a foreign server), the
+# class that best says what happened.
+STATUS_FALLBACK: dict[str, type[SemrouteError]] = {
+    "INVALID_ARGUMENT": InvalidRequest,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+    "UNAVAILABLE": ServiceUnreachable,
+    "DEADLINE_EXCEEDED": ServiceUnreachable,
+    "RESOURCE_EXHAUSTED": BackendRateLimited,
+    "ABORTED": StreamInterrupted,
+}
+
+
+def restore(
+    name: str, message: str, *, field: str | None = None, target: str | None = None
+) -> SemrouteError:
+    """The error a peer raised, rebuilt from its class name and message (``str(exc)`` as the
+    peer formatted it) plus the attributes that travel with it. An unknown name gives a
+    plain SemrouteError with the same message."""
+    cls = ERROR_CLASSES.get(name, SemrouteError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    if issubclass(cls, InvalidRequest):
+        err.field = field or "request"  # type: ignore[attr-defined]
+    if issubclass(cls, BackendError):
+        err.target = target or "?"  # type: ignore[attr-defined]
+    if issubclass(cls, ExemplarError):
+        err.problems = []  # type: ignore[attr-defined]
+    if issubclass(cls, DispatchFailed):
+        err.attempts = ()  # type: ignore[attr-defined]
+    return err

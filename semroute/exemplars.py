@@ -331,19 +331,21 @@ def load_route_table(
     targets_file: Path | None = None,
     *,
     outcome_targets: Sequence[str] = (),
+    default_route: str | None = None,
 ) -> RouteTable:
     """The route table for an exemplar set.
 
     Without a routes file every label (or outcome target) is its own route and target and no
-    threshold applies. ``targets_file`` (a CSV like llmrouter/models.csv) sets or overrides
-    target prices. Raises ConfigError naming the file and field.
+    threshold applies; a labelled set also gets ``default_route`` (its own target, unless a
+    label has that name) to fall back to once thresholds are calibrated. ``targets_file`` (a CSV
+    like llmrouter/models.csv) sets or overrides target prices. Raises ConfigError naming the file and field.
     """
     targets: dict[str, Target] = {}
     routes: dict[str, Route] = {}
-    default_route: str | None = None
+    fallback: str | None = None
     threshold: float | None = None
     if routes_file is not None:
-        routes, targets, default_route, threshold = _parse_routes_yaml(routes_file)
+        routes, targets, fallback, threshold = _parse_routes_yaml(routes_file)
     if targets_file is not None:
         for name, target in read_targets_csv(targets_file).items():
             local = targets[name].local if name in targets else target.local
@@ -357,6 +359,10 @@ def load_route_table(
         for label in labels:
             targets.setdefault(label, Target(label))
             routes[label] = Route(label, (label,))
+        if default_route:
+            targets.setdefault(default_route, Target(default_route))
+            routes.setdefault(default_route, Route(default_route, (default_route,)))
+            fallback = default_route
     else:
         first_missing = [label for label in labels if label not in routes]
         if first_missing:
@@ -365,7 +371,7 @@ def load_route_table(
                 "add them under `routes:` or fix the labels"
             )
     return RouteTable(
-        routes=routes, targets=targets, default_route=default_route, threshold=threshold
+        routes=routes, targets=targets, default_route=fallback, threshold=threshold
     )
 
 

@@ -12,6 +12,11 @@ Layout of an index root::
         scores.npy        outcome exemplars only: (n, targets) float32, NaN = unknown
         projection.npy    optional learned projection (d, d') applied to every vector before
                           FAISS (see semroute.projection); index.faiss holds projected vectors
+        density.npy       labelled exemplars with an abstention score: each exemplar's own
+                          density (semroute.abstain), in the space FAISS searches
+
+A build tunes its decision settings by cross-validation on the exemplars (semroute.tune) unless
+told not to, and records them, with the CV figures, in the manifest (semroute.manifest).
 
 A build validates every input before writing anything, writes a new version directory, and only
 then moves ``current``; a failed build leaves the serving index as it was.
@@ -23,11 +28,10 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,18 +39,34 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from semroute.config import IndexSettings
+from semroute.config import DecisionSettings, IndexSettings
 from semroute.encoder import embed_many
 from semroute.errors import CorruptIndex, FingerprintMismatch, IndexNotFound
 from semroute.exemplars import ExemplarSet, load_route_table, read_exemplars
-from semroute.types import Encoder, ExemplarKind, IndexInfo, Route, RouteTable, Target, Vectors
+from semroute.logs import get_logger
+from semroute.manifest import (
+    FORMAT_VERSION,
+    Counts,
+    EncoderRecord,
+    FaissRecord,
+    IndexManifest,
+    ProjectionRecord,
+    Thresholds,
+)
+from semroute.tune import BuildTuning, tune_labelled_build, tune_outcome_build
+from semroute.types import Encoder, ExemplarKind, IndexInfo, RouteTable, Vectors
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "ExemplarIndex", "IndexManifest", "build_index", "read_manifest",
+           "resolve_version_dir", "switch_current", "write_thresholds", "write_version"]
+
+log = get_logger(__name__)
+
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 EXEMPLARS_FILE = "exemplars.jsonl"
 SCORES_FILE = "scores.npy"
 PROJECTION_FILE = "projection.npy"
+DENSITY_FILE = "density.npy"
 CURRENT = "current"
 
 
@@ -56,37 +76,38 @@ class ExemplarIndex:
     def __init__(
         self,
         path: Path,
-        manifest: dict[str, Any],
+        manifest: IndexManifest,
         faiss_index: Any,
         texts: list[str],
         labels: npt.NDArray[np.str_],
         weights: npt.NDArray[np.float32],
         scores: npt.NDArray[np.float32] | None,
         projection: npt.NDArray[np.float32] | None = None,
+        density: npt.NDArray[np.float32] | None = None,
     ) -> None:
         self.path = path
         self.projection = projection
+        self.density = density
         self.manifest = manifest
         self._faiss = faiss_index
         self.texts = texts
         self.labels = labels
         self.weights = weights
-        self.kind = ExemplarKind(manifest["kind"])
-        self.score_targets: tuple[str, ...] = tuple(manifest.get("score_targets", ()))
+        self.kind = manifest.kind
+        self.score_targets: tuple[str, ...] = manifest.score_targets
         self.scores = scores if scores is not None else np.zeros((len(texts), 0), dtype=np.float32)
-        self.route_table = _route_table_from_manifest(manifest)
+        self.route_table = manifest.effective_route_table()
         self.target_means = np.asarray(
-            [manifest.get("target_means", {}).get(t, 0.0) for t in self.score_targets],
-            dtype=np.float32,
+            [manifest.target_means.get(t, 0.0) for t in self.score_targets], dtype=np.float32
         )
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def encoder_fingerprint(self) -> str:
-        return str(self.manifest["encoder"]["fingerprint"])
+        return self.manifest.encoder.fingerprint
 
     @property
     def size(self) -> int:
@@ -99,12 +120,12 @@ class ExemplarIndex:
             path=str(self.path),
             kind=self.kind,
             exemplars=self.size,
-            dimension=int(self.manifest["encoder"]["dimension"]),
+            dimension=self.manifest.encoder.dimension,
             routes=tuple(self.route_table.routes),
             targets=tuple(self.route_table.targets),
             encoder_fingerprint=self.encoder_fingerprint,
-            faiss_factory=str(self.manifest["faiss"]["factory"]),
-            built_at=str(self.manifest["built_at"]),
+            faiss_factory=self.manifest.faiss.factory,
+            built_at=self.manifest.built_at,
         )
 
     def search(
@@ -130,21 +151,14 @@ class ExemplarIndex:
 
         version_dir = resolve_version_dir(path)
         manifest = read_manifest(version_dir)
-        if manifest.get("format") != FORMAT_VERSION:
-            raise CorruptIndex(
-                f"{version_dir}/{MANIFEST}: format {manifest.get('format')!r} is not supported "
-                f"(this semroute reads format {FORMAT_VERSION}); rebuild with `semroute index build`"
-            )
         _verify_checksums(version_dir, manifest)
-        if (
-            expect_fingerprint is not None
-            and manifest["encoder"]["fingerprint"] != expect_fingerprint
-        ):
+        fingerprint = manifest.encoder.fingerprint
+        if expect_fingerprint is not None and fingerprint != expect_fingerprint:
             raise FingerprintMismatch(
-                f"{version_dir}: index was built with encoder {manifest['encoder']['fingerprint'][:19]}… "
+                f"{version_dir}: index was built with encoder {fingerprint[:19]}… "
                 f"but the loaded encoder is {expect_fingerprint[:19]}…; rebuild the index with this "
                 f"encoder (`semroute index build ... --encoder DIR`) or load the encoder it was "
-                f"built with ({manifest['encoder'].get('path', '?')})"
+                f"built with ({manifest.encoder.path or '?'})"
             )
         faiss_index = faiss.read_index(str(version_dir / FAISS_FILE))
         texts: list[str] = []
@@ -157,21 +171,25 @@ class ExemplarIndex:
                 labels.append(row.get("label", ""))
                 weights.append(float(row.get("weight", 1.0)))
         scores = None
-        if manifest["kind"] == ExemplarKind.OUTCOMES.value:
+        if manifest.kind is ExemplarKind.OUTCOMES:
             scores = np.load(version_dir / SCORES_FILE, allow_pickle=False).astype(np.float32)
-        count = int(manifest["counts"]["exemplars"])
+        count = manifest.counts.exemplars
+        density = None
+        if manifest.density:
+            density = np.load(version_dir / manifest.density, allow_pickle=False).astype(np.float32)
         if (
             faiss_index.ntotal != count
             or len(texts) != count
             or (scores is not None and scores.shape[0] != count)
+            or (density is not None and density.shape != (count,))
         ):
             raise CorruptIndex(
                 f"{version_dir}: manifest says {count} exemplars but the files hold "
                 f"{faiss_index.ntotal} vectors / {len(texts)} rows; rebuild the index"
             )
         projection = None
-        expected_d = int(manifest["encoder"]["dimension"])
-        if manifest.get("projection"):
+        expected_d = manifest.encoder.dimension
+        if manifest.projection is not None:
             projection = np.load(version_dir / PROJECTION_FILE, allow_pickle=False).astype(
                 np.float32
             )
@@ -184,7 +202,7 @@ class ExemplarIndex:
         if faiss_index.d != expected_d:
             raise CorruptIndex(f"{version_dir}: FAISS dimension {faiss_index.d} != manifest")
         if hasattr(faiss_index, "hnsw"):
-            faiss_index.hnsw.efSearch = int(manifest["faiss"].get("ef_search", 64))
+            faiss_index.hnsw.efSearch = manifest.faiss.ef_search
         return cls(
             version_dir,
             manifest,
@@ -194,6 +212,7 @@ class ExemplarIndex:
             np.asarray(weights, dtype=np.float32),
             scores,
             projection,
+            density,
         )
 
 
@@ -215,16 +234,18 @@ def resolve_version_dir(path: Path) -> Path:
     )
 
 
-def read_manifest(version_dir: Path) -> dict[str, Any]:
+def read_manifest(version_dir: Path) -> IndexManifest:
+    """The typed manifest of a version directory (IndexNotFound / CorruptIndex on problems)."""
+    file = version_dir / MANIFEST
     try:
-        data: dict[str, Any] = json.loads((version_dir / MANIFEST).read_text())
+        data: dict[str, Any] = json.loads(file.read_text())
     except FileNotFoundError as exc:
         raise IndexNotFound(f"{version_dir}: {MANIFEST} missing") from exc
     except json.JSONDecodeError as exc:
         raise CorruptIndex(
-            f"{version_dir}/{MANIFEST}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the index"
+            f"{file}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the index"
         ) from exc
-    return data
+    return IndexManifest.from_json(data, file)
 
 
 def _sha256(path: Path) -> str:
@@ -235,8 +256,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_checksums(version_dir: Path, manifest: dict[str, Any]) -> None:
-    for name, expected in manifest.get("checksums", {}).items():
+def _verify_checksums(version_dir: Path, manifest: IndexManifest) -> None:
+    for name, expected in manifest.checksums.items():
         file = version_dir / name
         if not file.exists():
             raise CorruptIndex(f"{file}: missing; rebuild the index")
@@ -244,42 +265,6 @@ def _verify_checksums(version_dir: Path, manifest: dict[str, Any]) -> None:
             raise CorruptIndex(
                 f"{file}: checksum mismatch (the file was changed or truncated); rebuild the index"
             )
-
-
-def _route_table_from_manifest(manifest: dict[str, Any]) -> RouteTable:
-    raw = manifest["route_table"]
-    calibrated = manifest.get("thresholds") or {}
-    per_route = calibrated.get("per_route", {})
-    routes = {
-        name: Route(
-            name,
-            tuple(spec["targets"]),
-            per_route.get(name, spec.get("threshold")),
-            spec.get("description", ""),
-        )
-        for name, spec in raw["routes"].items()
-    }
-    targets = {name: Target(**spec) for name, spec in raw["targets"].items()}
-    threshold = calibrated.get("global")
-    if threshold is None:
-        threshold = raw.get("threshold")
-    return RouteTable(routes, targets, raw.get("default_route"), threshold)
-
-
-def _route_table_to_json(table: RouteTable) -> dict[str, Any]:
-    return {
-        "routes": {
-            name: {
-                "targets": list(route.targets),
-                "threshold": route.threshold,
-                "description": route.description,
-            }
-            for name, route in table.routes.items()
-        },
-        "targets": {name: asdict(t) for name, t in table.targets.items()},
-        "default_route": table.default_route,
-        "threshold": table.threshold,
-    }
 
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -293,32 +278,47 @@ def build_index(
     routes_file: Path | None = None,
     targets_file: Path | None = None,
     settings: IndexSettings | None = None,
+    decision: DecisionSettings | None = None,
     batch_size: int = 64,
     progress: bool = True,
     encoder_path: Path | None = None,
+    tune: bool = True,
+    default_route: str = "default",
 ) -> Path:
-    """Validate, embed, write a new version under ``out_root`` and switch ``current`` to it.
+    """Validate, embed, tune, write a new version under ``out_root`` and switch ``current``.
 
+    Without a routes file a labelled index gets a ``default_route`` (its own target) to fall
+    back to once thresholds are calibrated. With ``tune`` the decision settings are chosen by
+    cross-validation on the exemplars (``semroute.tune``) and recorded in the manifest.
     Nothing is written unless every row and the routes file are valid (ExemplarError /
     ConfigError otherwise). Returns the new version directory.
     """
     settings = settings or IndexSettings()
+    decision = decision or DecisionSettings()
     exemplar_set = read_exemplars(list(exemplar_paths))
     table = load_route_table(
-        routes_file, exemplar_set.labels, targets_file, outcome_targets=exemplar_set.targets
+        routes_file, exemplar_set.labels, targets_file, outcome_targets=exemplar_set.targets,
+        default_route=default_route,
     )
     for warning in exemplar_set.warnings[:20]:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning("exemplar_warning", detail=warning)
     if len(exemplar_set.warnings) > 20:
-        print(f"warning: ... and {len(exemplar_set.warnings) - 20} more", file=sys.stderr)
+        log.warning("exemplar_warnings_truncated", more=len(exemplar_set.warnings) - 20)
 
     started = time.perf_counter()
     texts = [e.text for e in exemplar_set.exemplars]
     vectors = embed_many(encoder, texts, batch_size, progress=progress)
     embed_s = time.perf_counter() - started
+    tuning = _tune(vectors, exemplar_set, table, settings, decision) if tune else None
     projection = None
-    if settings.projection == "learned" and exemplar_set.kind is ExemplarKind.LABELLED:
-        projection = learn_projection(vectors, exemplar_set, settings, progress)
+    learned = settings.projection == "learned" or (
+        settings.projection == "auto" and tuning is not None and tuning.projection
+    )
+    if learned and exemplar_set.kind is ExemplarKind.LABELLED:
+        from semroute.tune.folds import one_blas_thread
+
+        with one_blas_thread():
+            projection = learn_projection(vectors, exemplar_set, settings)
     return write_version(
         out_root,
         exemplar_set,
@@ -329,11 +329,41 @@ def build_index(
         encoder_path=encoder_path,
         stats={"embed_seconds": round(embed_s, 3)},
         projection=projection,
+        tuning=tuning,
+    )
+
+
+def _tune(
+    vectors: Vectors,
+    exemplar_set: ExemplarSet,
+    table: RouteTable,
+    settings: IndexSettings,
+    decision: DecisionSettings,
+) -> BuildTuning | None:
+    weights = np.asarray([e.weight for e in exemplar_set.exemplars], dtype=np.float32)
+    if exemplar_set.kind is ExemplarKind.LABELLED:
+        return tune_labelled_build(
+            vectors, [e.label for e in exemplar_set.exemplars], weights,
+            null_similarity=decision.null_similarity,
+            projection=settings.projection,
+            projection_epochs=settings.projection_epochs,
+        )
+    costs = [table.targets[t].cost if t in table.targets else 0.0 for t in exemplar_set.targets]
+    return tune_outcome_build(vectors, _score_matrix(exemplar_set), costs, weights)
+
+
+def _score_matrix(exemplar_set: ExemplarSet) -> npt.NDArray[np.float32]:
+    return np.asarray(
+        [
+            [np.nan if e.scores.get(t) is None else e.scores[t] for t in exemplar_set.targets]
+            for e in exemplar_set.exemplars
+        ],
+        dtype=np.float32,
     )
 
 
 def learn_projection(
-    vectors: Vectors, exemplar_set: ExemplarSet, settings: IndexSettings, progress: bool = True
+    vectors: Vectors, exemplar_set: ExemplarSet, settings: IndexSettings
 ) -> npt.NDArray[np.float32] | None:
     """Fit the learned projection on a labelled set (None with fewer than two routes)."""
     from semroute.projection import ProjectionParams, fit_projection
@@ -343,12 +373,8 @@ def learn_projection(
         return None
     started = time.perf_counter()
     matrix = fit_projection(vectors, labels, ProjectionParams(epochs=settings.projection_epochs))
-    if progress:
-        print(
-            f"learned projection on {len(labels)} exemplars in "
-            f"{time.perf_counter() - started:.1f}s",
-            file=sys.stderr,
-        )
+    log.info("projection_learned", exemplars=len(labels),
+             seconds=round(time.perf_counter() - started, 2))
     return matrix
 
 
@@ -361,15 +387,20 @@ def write_version(
     encoder: Encoder,
     settings: IndexSettings,
     encoder_path: Path | None = None,
-    stats: dict[str, Any] | None = None,
+    stats: Mapping[str, float] | None = None,
     projection: npt.NDArray[np.float32] | None = None,
+    tuning: BuildTuning | None = None,
 ) -> Path:
     """Write an index version from already-computed vectors and switch ``current`` to it.
 
     With ``projection`` (d, d'), FAISS holds the projected vectors and the matrix is stored
-    alongside so queries are projected the same way.
+    alongside so queries are projected the same way. With a tuning that carries an abstention
+    score, each exemplar's own density is stored for it (in the space FAISS searches).
     """
     import faiss
+
+    from semroute.abstain import DENSITY_K, own_density
+    from semroute.tune.folds import top_neighbours
 
     n, dimension = vectors.shape
     if projection is not None:
@@ -398,67 +429,54 @@ def write_version(
             for e in exemplar_set.exemplars:
                 row = {"text": e.text, "label": e.label, "weight": e.weight, "source": e.source}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        files = [FAISS_FILE, EXEMPLARS_FILE]
         target_means: dict[str, float] = {}
         if exemplar_set.kind is ExemplarKind.OUTCOMES:
-            scores = np.asarray(
-                [
-                    [
-                        np.nan if e.scores.get(t) is None else e.scores[t]
-                        for t in exemplar_set.targets
-                    ]
-                    for e in exemplar_set.exemplars
-                ],
-                dtype=np.float32,
-            )
+            scores = _score_matrix(exemplar_set)
             np.save(tmp / SCORES_FILE, scores, allow_pickle=False)
+            files.append(SCORES_FILE)
             target_means = {
                 t: float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else 0.0
                 for j, t in enumerate(exemplar_set.targets)
             }
-        files = [FAISS_FILE, EXEMPLARS_FILE] + (
-            [SCORES_FILE] if exemplar_set.kind is ExemplarKind.OUTCOMES else []
-        )
         if projection is not None:
             np.save(tmp / PROJECTION_FILE, projection.astype(np.float32), allow_pickle=False)
             files.append(PROJECTION_FILE)
+        abstain = tuning.abstain if tuning is not None else None
+        if abstain is not None:
+            sims, _ = top_neighbours(vectors, vectors, DENSITY_K, exclude_self=True)
+            density = own_density(sims, DENSITY_K).astype(np.float32)
+            np.save(tmp / DENSITY_FILE, density, allow_pickle=False)
+            files.append(DENSITY_FILE)
         label_counts: dict[str, int] = {}
         for e in exemplar_set.exemplars:
             if e.label:
                 label_counts[e.label] = label_counts.get(e.label, 0) + 1
-        manifest = {
-            "format": FORMAT_VERSION,
-            "version": version,
-            "built_at": built_at.isoformat(),
-            "kind": exemplar_set.kind.value,
-            "counts": {
-                "exemplars": n,
-                "per_label": label_counts,
-                "dropped_duplicates": exemplar_set.dropped_duplicates,
-            },
-            "encoder": {
-                "fingerprint": encoder.fingerprint,
-                "dimension": dimension,
-                "path": str(Path(encoder_path).resolve()) if encoder_path else "",
-            },
-            "faiss": {
-                "factory": factory,
-                "metric": "inner_product",
-                "exact": exact,
-                "ef_search": settings.hnsw_ef_search,
-            },
-            "projection": (
-                {"file": PROJECTION_FILE, "method": "learned", "dimension": projection.shape[1]}
-                if projection is not None
-                else None
+        manifest = IndexManifest(
+            version=version,
+            built_at=built_at.isoformat(),
+            kind=exemplar_set.kind,
+            counts=Counts(n, label_counts, exemplar_set.dropped_duplicates),
+            encoder=EncoderRecord(
+                encoder.fingerprint, dimension,
+                str(Path(encoder_path).resolve()) if encoder_path else "",
             ),
-            "score_targets": list(exemplar_set.targets),
-            "target_means": target_means,
-            "route_table": _route_table_to_json(table),
-            "thresholds": {},
-            "stats": stats or {},
-            "checksums": {name: _sha256(tmp / name) for name in files},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            faiss=FaissRecord(factory, exact, settings.hnsw_ef_search),
+            route_table=table,
+            checksums={name: _sha256(tmp / name) for name in files},
+            projection=(
+                ProjectionRecord(PROJECTION_FILE, "learned", projection.shape[1])
+                if projection is not None else None
+            ),
+            score_targets=tuple(exemplar_set.targets),
+            target_means=target_means,
+            stats=dict(stats or {}),
+            decision=dict(tuning.decision) if tuning else {},
+            tuning=dict(tuning.figures) if tuning else {},
+            abstain=abstain,
+            density=DENSITY_FILE if abstain is not None else None,
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
         tmp.chmod(0o755)
         final = versions / version
         tmp.rename(final)
@@ -488,10 +506,10 @@ def write_thresholds(
     """
     version_dir = resolve_version_dir(version_dir)
     manifest = read_manifest(version_dir)
-    unknown = set(per_route) - set(manifest["route_table"]["routes"])
+    unknown = set(per_route) - set(manifest.route_table.routes)
     if unknown:
         raise IndexNotFound(f"{version_dir}: thresholds for unknown route(s) {sorted(unknown)}")
-    manifest["thresholds"] = {"global": global_threshold, "per_route": dict(per_route)}
+    manifest = replace(manifest, thresholds=Thresholds(global_threshold, dict(per_route)))
     tmp = version_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     os.replace(tmp, version_dir / MANIFEST)

@@ -15,9 +15,10 @@ import contextvars
 import hashlib
 import logging
 import sys
+import time
 import uuid
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -116,3 +117,28 @@ def get_logger(name: str) -> Any:
     """A structlog logger tagged with ``module=name``. Lazy: safe to create at import time,
     it picks up whatever ``configure_logging`` set when it first logs."""
     return structlog.get_logger(module=name)
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def stderr_progress(label: str, *, stream: TextIO | None = None) -> ProgressCallback:
+    """A progress callback for long work (``callback(done, total)``): a live line with the rate
+    and the time left on a terminal, one summary line at the end otherwise. For commands that
+    opted in (``--progress``); library code takes the callback, it never prints."""
+    out = stream or sys.stderr
+    started = time.perf_counter()
+    live = out.isatty()
+
+    def report(done: int, total: int) -> None:
+        finished = done >= total
+        if not (live or finished):
+            return
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        rate = done / elapsed
+        left = (total - done) / rate if rate > 0 else 0.0
+        eta = "" if finished else f", {left:.0f} s left"
+        end = "\n" if finished else "\r"
+        print(f"{label} {done}/{total} ({rate:.0f}/s{eta})", end=end, file=out, flush=True)
+
+    return report

@@ -8,7 +8,7 @@ together), searched in one FAISS call, then decided per query.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +25,19 @@ from semroute.encoder import CachedEncoder, OnnxEncoder
 from semroute.errors import FingerprintMismatch, InvalidRequest, UnknownTarget
 from semroute.index import ExemplarIndex
 from semroute.types import Decision, ExemplarKind, IndexInfo, Policy, Query, Vectors
+
+
+def effective_decision(
+    settings: DecisionSettings, tuned: Mapping[str, float | int | bool]
+) -> DecisionSettings:
+    """``settings`` with the index's tuned values for every field not set explicitly."""
+    fields = DecisionSettings.model_fields
+    update = {
+        name: value
+        for name, value in tuned.items()
+        if name in fields and name not in settings.model_fields_set
+    }
+    return settings.model_copy(update=update) if update else settings
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,9 @@ class Router:
         self.encoder = encoder
         self.index = index
         self.settings = settings
-        self._decision: DecisionSettings = settings.decision
+        self._decision: DecisionSettings = effective_decision(
+            settings.decision, index.manifest.decision
+        )
         self._limits: LimitSettings = settings.limits
         self._params = DecisionParams(
             temperature=self._decision.temperature,
@@ -66,7 +81,15 @@ class Router:
             cost_weight=self._decision.cost_weight,
             local_k=self._decision.local_k,
             local_shrinkage=self._decision.local_shrinkage,
+            use_neighbours=bool(index.manifest.decision.get("use_neighbours", True)),
+            abstain=index.manifest.abstain,
         )
+
+    @property
+    def decision_settings(self) -> DecisionSettings:
+        """The decision settings in force: the index's tuned values, except those the caller
+        set explicitly (flags, environment, config file)."""
+        return self._decision
 
     @classmethod
     def load(
@@ -83,7 +106,7 @@ class Router:
         settings = settings or Settings()
         index = ExemplarIndex.load(index_path)
         if encoder_path is None:
-            recorded = index.manifest["encoder"].get("path") or ""
+            recorded = index.manifest.encoder.path
             encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None
         encoder_path = encoder_path or settings.encoder.path
         inner = OnnxEncoder.from_settings(encoder_path, settings.encoder)
@@ -196,6 +219,7 @@ class Router:
                 index.route_table,
                 query.policy,
                 self._params,
+                index.density,
             )
         else:
             decision = decide_outcomes(

@@ -174,6 +174,20 @@ class Encoder(Protocol):
 # ---- dispatcher records -------------------------------------------------------------------------
 
 
+class RouterLike(Protocol):
+    """What the dispatcher needs from a router: ``semroute.grpc.router_client.RouterClient``
+    fits, and so does ``semroute.dispatch.dispatcher.InProcessRouter`` around a ``Router``."""
+
+    async def route(
+        self,
+        text: str,
+        *,
+        history: Sequence[str] = ...,
+        policy: Policy = ...,
+        explain: bool = False,
+    ) -> Decision: ...
+
+
 @dataclass(frozen=True)
 class Message:
     role: str  # "system" | "user" | "assistant"
@@ -236,3 +250,40 @@ class DoneEvent:
 
 
 ChatEvent = DecisionEvent | DeltaEvent | DoneEvent
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatSummary:
+    """One finished chat, as the dispatcher hands it to a ``DecisionSink``. ``status``: ok,
+    failed, interrupted, invalid or cancelled; ``target`` answered ("" when none did)."""
+
+    request_id: str
+    query: str
+    route: str
+    decided_target: str
+    target: str
+    confidence: float
+    fallback: bool
+    status: str
+    tenant: str = ""
+    index_version: str = ""
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    ttft_s: float = 0.0
+
+
+class DecisionSink(Protocol):
+    """Where the dispatcher reports finished chats and feedback (``semroute.loop`` provides the
+    decision log's). ``record`` must never block or raise; ``feedback`` raises NotFound for an
+    unknown request id and InvalidRequest for a bad field."""
+
+    def record(self, summary: ChatSummary) -> None: ...
+
+    async def feedback(
+        self, request_id: str, score: float, target: str | None, comment: str | None
+    ) -> None: ...
+
+    def close(self) -> None: ...

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "semroute.cli.router_cmds",  # serve router
     "semroute.cli.dispatch_cmds",  # serve dispatcher, chat
     "semroute.cli.eval_cmds",  # eval labels/outcomes, calibrate, index lint
+    "semroute.cli.loop_cmds",  # learn
 )
 
 # Command groups shared by several modules (e.g. `serve router` and `serve dispatcher`).

@@ -46,9 +46,22 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--factory", default=None, help="FAISS factory string for large indexes")
     p.add_argument(
         "--projection",
-        choices=["none", "learned"],
+        choices=["auto", "none", "learned"],
         default=None,
-        help="labelled sets: fit a linear projection on the exemplars (see docs/EVAL.md)",
+        help="labelled sets: fit a linear projection on the exemplars; auto (default): when it "
+        "wins on cross-validation (see docs/EVAL.md)",
+    )
+    p.add_argument(
+        "--default-route",
+        default="default",
+        metavar="NAME",
+        help="without --routes: the route low-confidence queries fall back to once `semroute "
+        "calibrate` has set a threshold [default]",
+    )
+    p.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="skip choosing the decision settings by cross-validation on the exemplars",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_build)
@@ -87,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from semroute.encoder import OnnxEncoder
-    from semroute.index import build_index
+    from semroute.index import build_index, read_manifest
 
     settings = settings_from_args(args)
     index_settings = settings.index
@@ -105,18 +118,23 @@ def _build(args: argparse.Namespace) -> int:
         routes_file=args.routes,
         targets_file=args.targets,
         settings=index_settings,
+        decision=settings.decision,
         batch_size=settings.encoder.batch_size,
         progress=not args.quiet,
         encoder_path=encoder_path,
+        tune=not args.no_tune,
+        default_route=args.default_route,
     )
     elapsed = time.perf_counter() - started
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    n = manifest["counts"]["exemplars"]
+    manifest = read_manifest(version_dir)
+    n = manifest.counts.exemplars
     print(
-        f"built {manifest['kind']} index {manifest['version']}: {n} exemplars, "
-        f"{len(manifest['route_table']['routes'])} routes, {manifest['faiss']['factory']} "
+        f"built {manifest.kind.value} index {manifest.version}: {n} exemplars, "
+        f"{len(manifest.route_table.routes)} routes, {manifest.faiss.factory} "
         f"in {elapsed:.1f}s ({n / elapsed:.0f} exemplars/s); {args.out}/current -> {version_dir.name}"
     )
+    summary = manifest.tuning.get("summary")
+    print(summary if summary else "decision settings: not tuned (defaults apply)")
     return 0
 
 
@@ -133,7 +151,7 @@ def _route(args: argparse.Namespace) -> int:
     else:
         batches = _stdin_batches(args.batch_size, history, policy, args.explain)
     if args.server:
-        from semroute.client import SyncRouterClient
+        from semroute.grpc.router_client import SyncRouterClient
 
         with SyncRouterClient(args.server, token=args.token) as client:
             for batch in batches:

@@ -37,7 +37,18 @@ def register(top: Any, groups: dict[str, Any]) -> None:
         default=None,
         help="OpenAI-compatible HTTP door port; 0 (default) leaves it off",
     )
-    p.add_argument("--router-token", default=None, help="bearer token for the router")
+    p.add_argument(
+        "--router-token",
+        default=None,
+        help="bearer token for the router (visible in `ps`: prefer --router-token-file or the "
+        "SEMROUTE_DISPATCHER__ROUTER_TOKEN environment variable)",
+    )
+    p.add_argument(
+        "--router-token-file",
+        type=Path,
+        default=None,
+        help="file holding the router's bearer token (first line that is not blank or # ...)",
+    )
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML settings file")
     p.set_defaults(handler=_serve_dispatcher)
 
@@ -76,6 +87,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "dispatcher__metrics_port": args.metrics_port,
         "dispatcher__http_port": args.http_port,
         "dispatcher__router_token": args.router_token,
+        "dispatcher__router_token_file": args.router_token_file,
     }
 
 
@@ -87,77 +99,10 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, **_overrides(args))
     configure_logging(settings.log)
+    from semroute.serve import serve_dispatcher
+
     asyncio.run(serve_dispatcher(settings))
     return 0
-
-
-async def serve_dispatcher(settings: Any, *, stop: Any = None, on_ready: Any = None) -> None:
-    """Run the dispatcher until SIGTERM/SIGINT (or ``stop``, an asyncio.Event, is set).
-
-    ``on_ready(grpc_port, metrics_port, http_port)`` is called once everything listens (0 for
-    what is off). Raises ConfigError/SemrouteError for bad files or ports in use."""
-    from semroute.dispatch_metrics import DispatchMetrics
-    from semroute.dispatcher import build_dispatcher
-    from semroute.errors import SemrouteError
-    from semroute.grpc.dispatcher_service import build_dispatcher_server
-    from semroute.grpc.server_common import serve_until_signalled
-    from semroute.logs import get_logger
-    from semroute.metrics import serve_metrics
-
-    log = get_logger("semroute.cli.dispatch")
-    ds = settings.dispatcher
-    dispatcher = await build_dispatcher(settings, metrics=DispatchMetrics())
-    metrics_server = None
-    door = None
-    built = None
-    try:
-        built = await build_dispatcher_server(settings, dispatcher)
-        if ds.metrics_port:
-            try:
-                metrics_server = serve_metrics(
-                    dispatcher.metrics.registry, ds.metrics_port, ds.host
-                )
-            except OSError as exc:
-                raise SemrouteError(
-                    f"cannot serve metrics on {ds.host}:{ds.metrics_port}: {exc.strerror} "
-                    "(dispatcher.metrics_port / --metrics-port; 0 disables)"
-                ) from exc
-        await built.server.start()
-        # ---- HTTP door hook ----------------------------------------------------------------
-        # The OpenAI-compatible door lives in semroute/http_door.py (owned by the HTTP-door
-        # work); it shares this process's dispatcher and event loop.
-        if ds.http_port:
-            from semroute.http_door import start_http_door
-
-            door = await start_http_door(dispatcher, settings, ds.http_port)
-        # -------------------------------------------------------------------------------------
-        log.info(
-            "dispatcher serving",
-            address=f"{ds.host}:{built.port}",
-            router=ds.router,
-            targets=dispatcher.target_names(),
-            skipped=sorted(dispatcher.backends.skipped),
-            metrics_port=metrics_server.port if metrics_server else 0,
-            http_port=door.port if door is not None else 0,
-        )
-        print(f"dispatcher listening on {ds.host}:{built.port}", flush=True)
-        if on_ready is not None:
-            on_ready(
-                built.port,
-                metrics_server.port if metrics_server else 0,
-                door.port if door is not None else 0,
-            )
-        await serve_until_signalled(
-            built.server, grace_s=ds.grace_s, health_servicer=built.health, stop=stop
-        )
-    finally:
-        if door is not None:
-            await door.stop()
-        if built is not None:
-            await built.server.stop(0)  # no-op after a graceful stop; else stops at once
-        if metrics_server is not None:
-            metrics_server.close()
-        await dispatcher.aclose()
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -195,8 +140,8 @@ def decision_line(event: Any) -> str:
 
 
 async def _chat_async(args: argparse.Namespace, req: Any) -> int:
-    from semroute.dispatch_client import DispatcherClient
     from semroute.errors import StreamInterrupted
+    from semroute.grpc.dispatcher_client import DispatcherClient
     from semroute.types import DecisionEvent, DeltaEvent, DoneEvent
 
     out = sys.stdout

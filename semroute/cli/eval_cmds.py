@@ -51,6 +51,11 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--precision", type=float, help="target precision of answered queries")
     goal.add_argument("--coverage", type=float, help="target share of queries answered")
+    goal.add_argument(
+        "--in-scope-coverage", type=float,
+        help="target share of in-scope queries answered (rows labelled `oos`, or with a label "
+        "the index has no route for, are out of scope)",
+    )
     p.add_argument("--per-route", action="store_true", help="one threshold per route")
     p.add_argument("--min-rows", type=int, default=10,
                    help="per route: validation rows needed to set its own threshold [10]")
@@ -79,6 +84,15 @@ def register(top: Any, groups: dict[str, Any]) -> None:
                    help="warn when neighbours out-vote an exemplar's own label by more")
     p.add_argument("--strict", action="store_true", help="warnings fail too")
     p.add_argument("--json", action="store_true", help="print findings as JSON lines")
+    p.add_argument("--probes", type=Path, default=None, metavar="CSV",
+                   help="probe queries (text,label) that must win clearly, e.g. "
+                   "index_data/probes.csv: each whose vote margin or similarity gap is below "
+                   "the bound is an error (their decisions could flip between CPUs)")
+    p.add_argument("--probe-margin", type=float, default=0.3,
+                   help="least vote share by which a probe's route must lead [0.3]")
+    p.add_argument("--probe-gap", type=float, default=0.0,
+                   help="least similarity by which a probe's best match must beat other "
+                   "routes' [0.0]")
     p.set_defaults(handler=_lint)
 
 
@@ -122,22 +136,22 @@ def _write_report(out: Path, data: dict[str, Any]) -> Path:
 
 
 def _eval_labels(args: argparse.Namespace) -> int:
-    from semroute.evaluate import evaluate_labels
+    from semroute.quality.evaluate import evaluate_labels
 
     router = _router(args)
-    report = evaluate_labels(router, args.test, args.out, bins=args.bins, limit=args.limit)
-    _print_table(f"eval labels: {args.test} against {router.index.path}", report.table)
-    per_route = report.data["per_route"]
-    worst = sorted((kv for kv in per_route.items() if kv[1]["support"]),
-                   key=lambda kv: kv[1]["f1"] or 0.0)[:5]
+    result = evaluate_labels(router, args.test, args.out, bins=args.bins, limit=args.limit)
+    _print_table(f"eval labels: {args.test} against {router.index.path}", result.report.table())
+    per_route = result.report.metrics.per_route
+    worst = sorted((kv for kv in per_route.items() if kv[1].support),
+                   key=lambda kv: kv[1].f1)[:5]
     if worst:
-        print("  lowest F1: " + ", ".join(f"{k} {v['f1']:.3f}" for k, v in worst))
-    print(f"wrote {args.out / 'report.json'} and {len(report.data['plots'])} plots")
+        print("  lowest F1: " + ", ".join(f"{k} {v.f1:.3f}" for k, v in worst))
+    print(f"wrote {args.out / 'report.json'} and {len(result.plots)} plots")
     return 0
 
 
 def _eval_outcomes(args: argparse.Namespace) -> int:
-    from semroute.evaluate import evaluate_outcomes
+    from semroute.quality.evaluate import evaluate_outcomes
 
     router = _router(args, decision__shrinkage=args.shrinkage)
     prices = dict(router.index.route_table.targets)
@@ -145,22 +159,29 @@ def _eval_outcomes(args: argparse.Namespace) -> int:
         from semroute.exemplars import read_targets
 
         prices.update(read_targets(args.targets))
-    report = evaluate_outcomes(router, args.test, args.out, prices, limit=args.limit)
-    _print_table(f"eval outcomes: {args.test} against {router.index.path}", report.table)
-    print(f"wrote {args.out / 'report.json'} and {len(report.data['plots'])} plots")
+    result = evaluate_outcomes(router, args.test, args.out, prices, limit=args.limit)
+    _print_table(f"eval outcomes: {args.test} against {router.index.path}",
+                 result.report.table())
+    print(f"wrote {args.out / 'report.json'} and {len(result.plots)} plots")
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from semroute.calibrate import calibrate_index
+    from semroute.cli import settings_from_args
+    from semroute.quality.calibrate import calibrate_index
 
+    settings = settings_from_args(args, limits__max_query_chars=_EVAL_MAX_CHARS)
     cal, version_dir = calibrate_index(
-        args.index, args.val, precision=args.precision, coverage=args.coverage,
-        per_route=args.per_route, min_rows=args.min_rows, encoder_path=args.encoder,
-        config=Path(args.config) if args.config else None,
+        args.index, args.val, settings, precision=args.precision, coverage=args.coverage,
+        in_scope_coverage=args.in_scope_coverage, per_route=args.per_route,
+        min_rows=args.min_rows, encoder_path=args.encoder,
     )
-    goal = f"precision {args.precision}" if args.precision is not None else (
-        f"coverage {args.coverage}")
+    if args.precision is not None:
+        goal = f"precision {args.precision}"
+    elif args.coverage is not None:
+        goal = f"coverage {args.coverage}"
+    else:
+        goal = f"in-scope coverage {args.in_scope_coverage}"
     print(f"calibrated {version_dir} for {goal}")
     print(f"  {'route':<24} {'threshold':>9} {'precision':>9} {'coverage':>8} {'rows':>6}")
     for route, p in cal.points.items():
@@ -171,22 +192,28 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"  note: {route}: {why}")
     from semroute.index import read_manifest
 
-    if not read_manifest(version_dir)["route_table"].get("default_route"):
+    if not read_manifest(version_dir).route_table.default_route:
         print("  note: this index has no default route, so thresholds cannot make it fall back; "
-              "build it with a routes file that sets `default:`")
+              "rebuild it (indexes built without --routes get one) or give a routes file that "
+              "sets `default:`")
     return 0
 
 
 def _lint(args: argparse.Namespace) -> int:
-    from semroute.lint import LintSettings, lint_files
+    from semroute.cli import settings_from_args
+    from semroute.quality.lint import LintSettings, lint_files
 
     settings = LintSettings(
         min_per_route=args.min_per_route, near_duplicate=args.near_duplicate,
         conflict=args.conflict, k=args.k, loo_min_accuracy=args.loo_min, low_margin=args.margin,
+        probe_margin=args.probe_margin, probe_gap=args.probe_gap,
     )
+    if args.probes is not None and args.no_embed:
+        print("semroute: error: --probes needs embeddings; drop --no-embed", file=sys.stderr)
+        return 2
     report = lint_files(
         args.exemplars, settings, embed=not args.no_embed, encoder_path=args.encoder,
-        config=Path(args.config) if args.config else None,
+        app_settings=settings_from_args(args), probes=args.probes,
     )
     for f in report.findings:
         if args.json:

@@ -54,8 +54,8 @@ def _serve_router(args: argparse.Namespace) -> int:
     import asyncio
 
     from semroute.cli import settings_from_args
-    from semroute.grpc.router_service import serve_router
     from semroute.logs import configure_logging
+    from semroute.serve import serve_router
 
     settings = settings_from_args(args, **_overrides(args))
     configure_logging(settings.log)

@@ -1,4 +1,5 @@
-"""proto messages <-> ``semroute.types`` records. The only module that knows both shapes.
+"""proto messages <-> ``semroute.types`` records, for both services. The only module that knows
+both shapes.
 
 Conversions are total and lossless for every field the proto carries; validation (blank query,
 size limits, unknown targets) is the core's job (``Router.validate``), not this module's.
@@ -6,8 +7,26 @@ size limits, unknown targets) is the core's job (``Router.validate``), not this 
 
 from __future__ import annotations
 
+from semroute._proto.semroute.v1 import dispatcher_pb2 as dpb
 from semroute._proto.semroute.v1 import router_pb2 as pb
-from semroute.types import Decision, ExemplarKind, IndexInfo, Neighbor, Policy, Query
+from semroute.errors import SemrouteError
+from semroute.logs import get_request_id
+from semroute.types import (
+    ChatEvent,
+    ChatRequest,
+    Decision,
+    DecisionEvent,
+    DeltaEvent,
+    DoneEvent,
+    ExemplarKind,
+    GenerationParams,
+    IndexInfo,
+    Message,
+    Neighbor,
+    Policy,
+    Query,
+    RoutingOverrides,
+)
 
 
 def policy_from_proto(msg: pb.Policy) -> Policy:
@@ -110,3 +129,103 @@ def info_from_proto(msg: pb.IndexInfo) -> IndexInfo:
         faiss_factory=msg.faiss_factory,
         built_at=msg.built_at,
     )
+
+
+# ---- dispatcher --------------------------------------------------------------------------------
+
+
+def request_from_proto(msg: dpb.ChatRequest) -> ChatRequest:
+    p, o = msg.params, msg.overrides
+    params = GenerationParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        stop=tuple(p.stop),
+        seed=p.seed if p.HasField("seed") else None,
+    )
+    overrides = RoutingOverrides(
+        force_target=o.force_target or None,
+        allowed_targets=tuple(o.allowed_targets),
+        require_local=o.require_local,
+        max_cost=o.max_cost if o.HasField("max_cost") else None,
+    )
+    return ChatRequest(
+        messages=tuple(Message(m.role, m.content) for m in msg.messages),
+        params=params,
+        overrides=overrides,
+        request_id=msg.request_id or get_request_id() or "",
+    )
+
+
+def request_to_proto(req: ChatRequest) -> dpb.ChatRequest:
+    p, o = req.params, req.overrides
+    params = dpb.GenerationParams(stop=list(p.stop))
+    if p.max_tokens is not None:
+        params.max_tokens = p.max_tokens
+    if p.temperature is not None:
+        params.temperature = p.temperature
+    if p.top_p is not None:
+        params.top_p = p.top_p
+    if p.seed is not None:
+        params.seed = p.seed
+    overrides = dpb.RoutingOverrides(
+        force_target=o.force_target or "",
+        allowed_targets=list(o.allowed_targets),
+        require_local=o.require_local,
+    )
+    if o.max_cost is not None:
+        overrides.max_cost = o.max_cost
+    return dpb.ChatRequest(
+        messages=[dpb.ChatMessage(role=m.role, content=m.content) for m in req.messages],
+        params=params,
+        overrides=overrides,
+        request_id=req.request_id,
+    )
+
+
+def event_to_proto(event: ChatEvent) -> dpb.ChatEvent:
+    if isinstance(event, DeltaEvent):
+        return dpb.ChatEvent(delta=dpb.ChatDelta(text=event.text))
+    if isinstance(event, DecisionEvent):
+        return dpb.ChatEvent(
+            decision=dpb.ChatDecision(
+                route=event.route,
+                target=event.target,
+                confidence=event.confidence,
+                reason=event.reason,
+                fallback=event.fallback,
+                chain=list(event.chain),
+            )
+        )
+    return dpb.ChatEvent(
+        done=dpb.ChatDone(
+            finish_reason=event.finish_reason,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            cost_usd=event.cost_usd,
+            target=event.target,
+            attempts=event.attempts,
+            ttft_s=event.ttft_s,
+        )
+    )
+
+
+def event_from_proto(msg: dpb.ChatEvent) -> ChatEvent:
+    which = msg.WhichOneof("event")
+    if which == "delta":
+        return DeltaEvent(msg.delta.text)
+    if which == "decision":
+        d = msg.decision
+        return DecisionEvent(d.route, d.target, d.confidence, d.reason, d.fallback, tuple(d.chain))
+    if which == "done":
+        e = msg.done
+        return DoneEvent(
+            e.finish_reason,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.cost_usd,
+            e.target,
+            e.attempts,
+            e.ttft_s,
+        )
+    raise SemrouteError(f"ChatEvent without an event (oneof unset): {msg!r}")

@@ -9,14 +9,19 @@ Modes (``FaultSpec.mode``):
 
 ``normal``        stream ``chunks`` (``chunk_delay_s`` apart), usage if asked, ``[DONE]``
 ``refuse``        nothing listens on the port: connections are refused by the kernel
-``500``/``429``   an HTTP error status (429 carries ``Retry-After``); ``status`` overrides the code
+``500``/``429``   an HTTP error status (429 carries ``Retry-After: retry_after``); ``status``
+                  overrides the code
+``400``           the request refused as llama.cpp refuses a prompt over its context (the
+                  client's fault, not the backend's)
 ``slow``          headers at once, first chunk after ``delay_s``, then normal
 ``drop``          ``after`` chunks, then the TCP connection is closed mid-body
 ``malformed``     ``after`` chunks, then an SSE ``data:`` line that is not JSON
 ``hang``          ``after`` chunks (0: not even headers), then silence until the client leaves
 
-``script([...])`` queues specs for the next requests; afterwards ``default`` applies. It runs its
-own event loop in a daemon thread, so sync and async tests use it alike; always ``stop()`` it.
+``script([...])`` queues specs for the next requests; afterwards ``default`` applies. With
+``strict_request_id=True`` the server answers 400 to an ``X-Request-ID`` that is not a UUID, as
+llama-cpp-python's server does. It runs its own event loop in a daemon thread, so sync and async
+tests use it alike; always ``stop()`` it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("normal", "refuse", "500", "429", "slow", "drop", "malformed", "hang")
+MODES = ("normal", "refuse", "500", "429", "400", "slow", "drop", "malformed", "hang")
+CONTEXT_ERROR = (
+    "This model's maximum context length is 2048 tokens. However, you requested 5000 tokens "
+    "(4990 in the messages, 10 in the completion). Please reduce the length of the messages "
+    "or completion."
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class FaultSpec:
     status: int | None = None  # 500 / 429 modes: the code to send
     send_usage: bool = True  # honour stream_options.include_usage
     finish_reason: str = "stop"
+    retry_after: str = "0"  # 429: the Retry-After header's value
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,9 +93,15 @@ class FaultServer:
     """See the module docstring. ``base_url`` ends in ``/v1`` like an OpenAI endpoint."""
 
     def __init__(
-        self, default: FaultSpec | None = None, *, model: str = "fault-model", port: int = 0
+        self,
+        default: FaultSpec | None = None,
+        *,
+        model: str = "fault-model",
+        port: int = 0,
+        strict_request_id: bool = False,
     ) -> None:
         self.model = model
+        self.strict_request_id = strict_request_id
         self._want_port = port
         self._state = _State(default or FaultSpec())
         self._lock = threading.Lock()
@@ -299,6 +316,12 @@ class FaultServer:
         except json.JSONDecodeError:
             await self._send_plain(writer, 400, json.dumps({"error": {"message": "bad JSON"}}))
             return True, b""
+        rid = headers.get("x-request-id")
+        if self.strict_request_id and rid is not None and not _is_uuid(rid):
+            # llama-cpp-python's server (starlette-context's request-id plugin) does this.
+            await self._send_plain(writer, 400, json.dumps({"error": {
+                "message": f"Invalid X-Request-ID: {rid[:64]}", "type": "invalid_request"}}))
+            return True, b""
         spec = self._next_spec()
         peer = writer.get_extra_info("peername") or ("", 0)
         rec = RecordedRequest(
@@ -329,10 +352,11 @@ class FaultServer:
         rec: RecordedRequest,
         watch: asyncio.Future[bytes],
     ) -> bool:
-        if spec.mode in ("500", "429"):
+        if spec.mode in ("500", "429", "400"):
             code = spec.status or int(spec.mode)
-            extra = {"Retry-After": "0"} if code == 429 else {}
-            msg = json.dumps({"error": {"message": f"injected {code}", "type": "fault"}})
+            extra = {"Retry-After": spec.retry_after} if code == 429 else {}
+            text = CONTEXT_ERROR if spec.mode == "400" else f"injected {code}"
+            msg = json.dumps({"error": {"message": text, "type": "fault"}})
             await self._send_plain(writer, code, msg, extra)
             rec.completed = True
             return True
@@ -427,6 +451,16 @@ class FaultServer:
         head.append(f"Content-Length: {len(payload)}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
         await writer.drain()
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _mark_disconnect(fut: asyncio.Future[bytes], rec: RecordedRequest) -> None:

@@ -1,6 +1,8 @@
 """One real stack for the whole e2e session: a llama.cpp server with SmolLM2-135M-Instruct
 (serving both local targets: the CI box has 2 cores), the router on the default index and the
-dispatcher with its HTTP door, each a real process on a free loopback port."""
+dispatcher with its HTTP door, each a real process on a free loopback port. The processes are
+started from the main thread with PR_SET_PDEATHSIG (``semroute.testing.devstack``), so they die
+with the test session even when pytest itself is killed."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from semroute.config import DEFAULT_ENCODER_DIR, DEFAULT_INDEX_DIR
-from semroute.devstack import DevStack, StackPorts
+from semroute.testing.devstack import DevStack, StackPorts
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,10 +14,10 @@ import openai
 import pytest
 
 from semroute.config import load_settings
-from semroute.devstack import LOCAL_TARGETS, DevStack, find_smollm2_gguf
-from semroute.dispatch_client import DispatcherClient
-from semroute.dispatcher import build_dispatcher
-from semroute.http_door import start_http_door
+from semroute.grpc.dispatcher_client import DispatcherClient
+from semroute.http.app import start_http_door
+from semroute.serve import build_dispatcher
+from semroute.testing.devstack import LOCAL_TARGETS, DevStack, find_smollm2_gguf
 from semroute.types import (
     ChatEvent,
     ChatRequest,

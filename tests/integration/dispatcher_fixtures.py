@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from semroute.backends import BackendConfig, BackendPool, Timeouts
 from semroute.config import load_settings
-from semroute.dispatch_client import DispatcherClient
-from semroute.dispatch_metrics import DispatchMetrics
-from semroute.dispatcher import Dispatcher, InProcessRouter
+from semroute.dispatch.backend_config import BackendConfig, Timeouts
+from semroute.dispatch.dispatcher import Dispatcher, InProcessRouter
+from semroute.dispatch.metrics import DispatchMetrics
+from semroute.dispatch.pool import BackendPool
+from semroute.dispatch.rules import RuleEngine
+from semroute.grpc.dispatcher_client import DispatcherClient
 from semroute.grpc.dispatcher_service import create_dispatcher_server
-from semroute.rules import RuleEngine
 from semroute.testing.faultserver import FaultServer, FaultSpec
 from semroute.types import ChatEvent, ChatRequest, DecisionEvent, DeltaEvent, DoneEvent, Message
 
@@ -97,7 +98,8 @@ async def make_stack(
 ) -> AsyncIterator[StackFactory]:
     """Build a dispatcher + gRPC server + client. Keyword arguments: ``rules`` (RuleEngine),
     ``environ`` (cloud keys; default: the test key set), ``timeouts``, ``max_concurrency``,
-    ``router`` (default: the real in-process router) and any DispatcherSettings field."""
+    ``router`` (default: the real in-process router), ``sink`` (a decision sink) and any
+    DispatcherSettings field."""
     built: list[tuple[Any, Dispatcher, DispatcherClient]] = []
 
     async def factory(
@@ -107,6 +109,7 @@ async def make_stack(
         timeouts: Timeouts = FAST,
         max_concurrency: int = 8,
         router: Any = None,
+        sink: Any = None,
         **dispatcher: Any,
     ) -> Stack:
         values = {"retries": 1, "backoff_s": 0.01, "breaker_failures": 50,
@@ -128,6 +131,7 @@ async def make_stack(
             rules,
             metrics=metrics,
             rng=random.Random(7),
+            sink=sink,
         )
         server, port = await create_dispatcher_server(settings, disp)
         await server.start()

@@ -19,9 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from semroute.auth import TokenSet
 from semroute.config import Settings, load_settings
-from semroute.grpc.router_service import RouterHandle, create_router_server
-from semroute.grpc.server_common import TokenSet
+from semroute.grpc.router_handle import RouterHandle
+from semroute.grpc.router_service import create_router_server
 from semroute.metrics import RouterMetrics
 from tests.conftest import ENCODER_DIR
 

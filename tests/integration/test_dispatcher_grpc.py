@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from semroute.cli import main as cli_main
+from semroute.dispatch.sse_client import upstream_request_id
 from semroute.errors import InvalidRequest, NoTargetAvailable, SemrouteError, StreamInterrupted
 from semroute.testing.faultserver import FaultSpec
 from semroute.types import (
@@ -84,7 +85,8 @@ async def test_decision_first_deltas_then_done(make_stack: StackFactory) -> None
     [rec] = stack.llms["local-large"].chat_requests()
     assert rec.body["model"] == "local-large" and rec.body["max_tokens"] == 16
     assert rec.text == CODE_PROMPT
-    assert rec.headers["x-request-id"] == "req-abc-123"
+    # The backend gets a UUID derived from the client's id (llama.cpp refuses any other).
+    assert rec.headers["x-request-id"] == upstream_request_id("req-abc-123")
     for other in ("gpt-4o", "local-small", "gpt-4o-mini"):
         assert stack.llms[other].requests == []
 

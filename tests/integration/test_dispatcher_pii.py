@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from semroute.dispatch.pii import PiiDetector
+from semroute.dispatch.rules import Rule, RuleEngine
 from semroute.errors import InvalidRequest, NoTargetAvailable, SemrouteError
-from semroute.pii import PiiDetector
-from semroute.rules import Rule, RuleEngine
 from semroute.testing.faultserver import FaultServer, FaultSpec
 from semroute.types import ChatEvent, ChatRequest, Decision, Message, Policy, RoutingOverrides
 from tests.integration.dispatcher_fixtures import (

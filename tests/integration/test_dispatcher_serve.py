@@ -15,12 +15,13 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from semroute.cli.dispatch_cmds import serve_dispatcher
 from semroute.config import load_settings
-from semroute.dispatch_client import DispatcherClient
+from semroute.dispatch.sse_client import upstream_request_id
 from semroute.errors import ConfigError
+from semroute.grpc.dispatcher_client import DispatcherClient
 from semroute.grpc.router_service import create_router_server
 from semroute.logs import add_request_id
+from semroute.serve import serve_dispatcher
 from semroute.testing.faultserver import FaultServer
 from semroute.types import ChatRequest, Message
 from tests.integration.dispatcher_fixtures import CHUNKS, CREATIVE_PROMPT, llms, split
@@ -95,7 +96,9 @@ async def test_serves_from_files_with_request_id_end_to_end(
     decision, text, done = split(events)
     assert (decision.route, done.target, text) == ("creative", "local-small", "".join(CHUNKS))
     assert http_port == 0
-    assert llms["local-small"].chat_requests()[0].headers["x-request-id"] == "e2e-rid-42"
+    assert llms["local-small"].chat_requests()[0].headers["x-request-id"] == (
+        upstream_request_id("e2e-rid-42")
+    )
     router_lines = [e for e in logs if e.get("event") == "rpc" and e.get("method") == "Route"]
     assert router_lines and all(e.get("request_id") == "e2e-rid-42" for e in router_lines)
     decided = [e for e in logs if e.get("event") == "decided"]

@@ -43,8 +43,8 @@ def test_fp32_export_matches_sentence_transformers(fp32_encoder, st_reference) -
 def test_served_int8_export_stays_close(onnx_encoder, fp32_encoder, st_reference) -> None:  # type: ignore[no-untyped-def]
     """The served int8 export (per-channel weights) is a quarter of the fp32 size and stays
     within cosine 0.98 of sentence-transformers on every sample."""
-    assert onnx_encoder.manifest["int8"] is True
-    assert fp32_encoder.manifest["int8"] is False
+    assert onnx_encoder.manifest.int8 is True
+    assert fp32_encoder.manifest.int8 is False
     assert onnx_encoder.fingerprint != fp32_encoder.fingerprint
     size = (onnx_encoder.path / "model.onnx").stat().st_size
     assert size < 0.3 * (fp32_encoder.path / "model.onnx").stat().st_size
@@ -81,7 +81,7 @@ def test_manifest_fingerprint_matches_files(encoder_dir: Path) -> None:
     """The manifest fingerprint is the hash of the exported weights and tokenizer."""
     import json
 
-    from semroute.export import fingerprint_files
+    from semroute.encoder import fingerprint_files
 
     manifest = json.loads((encoder_dir / "manifest.json").read_text())
     assert manifest["fingerprint"] == fingerprint_files(

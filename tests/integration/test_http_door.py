@@ -17,12 +17,13 @@ import httpx
 import openai
 import pytest
 
-from semroute.backends import BackendConfig, BackendPool, Timeouts
 from semroute.config import load_settings
-from semroute.dispatcher import Dispatcher
-from semroute.http_door import HttpDoorHandle, start_http_door
-from semroute.pii import PiiDetector
-from semroute.rules import Rule, RuleEngine
+from semroute.dispatch.backend_config import BackendConfig, Timeouts
+from semroute.dispatch.dispatcher import Dispatcher
+from semroute.dispatch.pii import PiiDetector
+from semroute.dispatch.pool import BackendPool
+from semroute.dispatch.rules import Rule, RuleEngine
+from semroute.http.app import HttpDoorHandle, start_http_door
 from semroute.testing.faultserver import FaultServer, FaultSpec
 from semroute.types import Decision
 
@@ -385,7 +386,7 @@ async def test_pii_stays_local_through_the_door(
     assert "local" in (reply.model_extra or {})["semroute"]["reason"]
     assert cloud_llm.chat_requests() == []
     assert [PII_PROMPT in r.text for r in local_llm.chat_requests()] == [True]
-    assert refused.value.param == "overrides.force_target"
+    assert refused.value.param == "model"  # the field as the OpenAI client spells it
 
 
 async def test_client_hangup_closes_the_upstream_request(

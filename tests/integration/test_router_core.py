@@ -184,3 +184,72 @@ def test_llmrouter_outcomes_estimate_every_target(
     assert len(d.scores) == 9 and all(0.0 <= v <= 1.0 for v in d.scores.values())
     cheap = router.route("Q: What is the capital of Australia? A:", policy=Policy(max_cost=0.15))
     assert router.index.route_table.targets[cheap.target].cost <= 0.15
+
+
+_TOPICS = {
+    "cooking": [
+        "how long should I roast a whole chicken", "best way to caramelize onions",
+        "can I substitute butter with olive oil in cookies", "how do I make fresh pasta dough",
+        "what temperature to bake sourdough bread", "how to keep rice from getting sticky",
+        "recipe for a quick tomato sauce", "how do I sear a steak in a cast iron pan",
+        "how much salt goes in pizza dough", "why did my souffle collapse in the oven",
+        "how to poach an egg without it falling apart", "what spices go well in a lentil curry",
+    ],
+    "programming": [
+        "how do I reverse a list in python", "what does a segmentation fault mean in C",
+        "how to write a unit test with pytest", "git says my branch has diverged, what now",
+        "explain async and await in javascript", "why is my SQL join returning duplicate rows",
+        "how to read a csv file with pandas", "what is a race condition between threads",
+        "how do I fix a null pointer exception in java", "compile a rust project in release mode",
+        "how to profile a slow python function", "what is the difference between a list and a tuple",
+    ],
+    "weather": [
+        "will it rain tomorrow in london", "what is the forecast for this weekend",
+        "how cold will it get tonight", "is there a storm warning for the coast",
+        "what is the humidity today", "when will the heatwave end",
+        "is it going to snow on friday", "how strong is the wind this afternoon",
+        "what's the uv index at noon", "will there be fog in the morning",
+        "chance of thunderstorms this evening", "what is the temperature right now outside",
+    ],
+}
+
+
+def test_off_topic_query_falls_back_after_calibration_without_routes_file(
+    tmp_path: Path, onnx_encoder  # type: ignore[no-untyped-def]
+) -> None:
+    """A plain `text,label` index (no routes file), calibrated for 90% in-scope coverage on a
+    validation set with `oos` rows, sends an off-topic query to the `default` route with
+    fallback=true and says why, while a clear in-scope query is still answered."""
+    from semroute.index import build_index
+    from semroute.quality.calibrate import calibrate_router
+    from semroute.router import Router
+
+    rows = [f'"{t}",{label}' for label, texts in _TOPICS.items() for t in texts]
+    exemplars = tmp_path / "ex.csv"
+    exemplars.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    val = tmp_path / "val.csv"
+    val.write_text(
+        "text,label\n"
+        "how do I whisk egg whites into stiff peaks,cooking\n"
+        "what oil is best for deep frying,cooking\n"
+        "how to merge two dictionaries in python,programming\n"
+        "what is a memory leak,programming\n"
+        "will it be sunny on sunday,weather\n"
+        "how much rain fell last night,weather\n"
+        "who won the football world cup in 2014,oos\n"
+        "how many moons does jupiter have,oos\n"
+        "what is the capital city of mongolia,oos\n",
+        encoding="utf-8",
+    )
+    build_index([exemplars], tmp_path / "idx", onnx_encoder, progress=False)
+    router = Router.load(tmp_path / "idx", encoder_path=onnx_encoder.path)
+    calibrate_router(router, val, in_scope_coverage=0.9)
+    router = Router.load(tmp_path / "idx", encoder_path=onnx_encoder.path)
+    threshold = router.index.route_table.threshold
+    assert threshold is not None
+
+    off = router.route("recommend a good novel about medieval knights")
+    assert off.fallback and off.route == "default" and off.target == "default"
+    assert "below its threshold" in off.reason
+    on = router.route("how do I debug a python script that crashes with a KeyError")
+    assert not on.fallback and on.route == "programming"

@@ -12,8 +12,8 @@ import pytest
 
 from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
-from semroute.client import RouterClient, SyncRouterClient
-from semroute.errors import InvalidRequest, NotReady, UnknownTarget
+from semroute.errors import InvalidRequest, NotReady, ServiceUnreachable, UnknownTarget
+from semroute.grpc.router_client import RouterClient, SyncRouterClient
 from semroute.types import Policy, Query
 from tests.integration.router_grpc_support import (
     ROWS_V1,
@@ -31,7 +31,7 @@ __all__ = ["small_index"]
 pytestmark = pytest.mark.integration
 
 QUERIES = [
-    ("Write a Rust function that parses JSON", "code"),
+    ("Write a Java function that reverses an array", "code"),
     ("What is the integral of 2x from 0 to 3?", "math"),
     ("Write a limerick about a cat", "creative"),
     ("Summarize these meeting notes in two bullets", "summarize"),
@@ -125,7 +125,9 @@ async def test_explain_returns_neighbours_and_scores(small_index: Path) -> None:
         assert {n.text for n in explained.neighbors} <= {t for t, _ in ROWS_V1}
         assert explained.index_version == info.version
         assert set(explained.scores) <= set(info.routes)
-        assert explained.scores["chitchat"] == pytest.approx(explained.confidence)
+        # scores are the vote shares; confidence is the index's abstention score (issue 11)
+        assert explained.scores["chitchat"] == max(explained.scores.values())
+        assert 0.0 < explained.confidence <= 1.0
         assert explained.targets[0] == explained.target
         assert explained.reason
 
@@ -295,10 +297,15 @@ async def test_sync_client_routes_and_maps_errors(small_index: Path) -> None:
 
 
 async def test_async_client_maps_unavailable_to_not_ready(small_index: Path) -> None:
-    """An unloaded server surfaces as NotReady with the address in the message."""
+    """An unloaded server surfaces as the server's own NotReady (its class from the trailers, its
+    message), not as an unreachable server; a closed port is ServiceUnreachable naming it."""
     async with running_router(small_index, load=False) as r, RouterClient(r.addr) as client:
-        with pytest.raises(NotReady, match=r"127\.0\.0\.1"):
+        with pytest.raises(NotReady, match="no index loaded yet") as info:
             await client.route("hello")
+        assert type(info.value) is NotReady
+    async with RouterClient(r.addr, timeout=2) as gone:
+        with pytest.raises(ServiceUnreachable, match=r"router at 127\.0\.0\.1"):
+            await gone.route("hello")
 
 
 async def test_one_unroutable_query_does_not_fail_its_batch_mates(small_index: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
-from semroute.grpc.server_common import TokenSet, channel_credentials
+from semroute.auth import TokenSet
+from semroute.grpc.tls import channel_credentials
 from tests.integration.router_grpc_support import (
     Certs,
     certs,
@@ -176,7 +177,7 @@ def test_incomplete_tls_settings_name_the_field(tmp_path: Path) -> None:
     """A key without a certificate, or an unreadable file, is a ConfigError naming the field."""
     from semroute.config import TlsSettings
     from semroute.errors import ConfigError
-    from semroute.grpc.server_common import server_credentials
+    from semroute.grpc.tls import server_credentials
 
     with pytest.raises(ConfigError, match=r"tls\.cert_file is required"):
         server_credentials(TlsSettings(key_file=tmp_path / "k"))
@@ -189,8 +190,8 @@ def test_incomplete_tls_settings_name_the_field(tmp_path: Path) -> None:
 async def test_router_client_over_mutual_tls_with_token(certs: Certs, small_index: Path) -> None:
     """RouterClient with a CA, a client certificate and a token routes over mTLS; the same
     client without its certificate cannot connect."""
-    from semroute.client import RouterClient
     from semroute.errors import NotReady
+    from semroute.grpc.router_client import RouterClient
 
     settings = router_settings(
         tls__cert_file=certs.server_cert, tls__key_file=certs.server_key,

@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
-from semroute.grpc.server_common import serve_until_signalled
+from semroute.grpc.server import serve_until_signalled
+from semroute.testing.devstack import die_with_parent
 from tests.integration.router_grpc_support import health_status, running_router, small_index
 
 __all__ = ["small_index"]
@@ -46,7 +47,7 @@ async def test_serve_router_command_health_metrics_logs_and_sigterm(
         proc = subprocess.Popen(
             [str(semroute), "serve", "router", "--index", str(small_index), "--port", str(port),
              "--metrics-port", str(metrics_port), "--host", "127.0.0.1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent(),
         )
     try:
         addr = f"127.0.0.1:{port}"
@@ -97,6 +98,7 @@ async def test_serve_router_fails_clearly_without_an_index(tmp_path: Path) -> No
     proc = await asyncio.create_subprocess_exec(
         str(semroute), "serve", "router", "--index", str(tmp_path / "none"), "--port", "0",
         "--metrics-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent(),
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 2
@@ -150,7 +152,7 @@ async def test_graceful_stop_drains_in_flight_calls(small_index: Path) -> None:
 async def test_semroute_route_cli_against_the_server(small_index: Path) -> None:
     """`semroute route --server ADDR --token T --json --explain TEXT` prints the server's
     decision (same route and index version as the in-process router)."""
-    from semroute.grpc.server_common import TokenSet
+    from semroute.auth import TokenSet
 
     tokens = TokenSet.of(user=["cli-token"])
     async with running_router(small_index, tokens=tokens) as r:
@@ -159,6 +161,7 @@ async def test_semroute_route_cli_against_the_server(small_index: Path) -> None:
             str(semroute), "route", "--server", r.addr, "--token", "cli-token", "--json",
             "--explain", "Solve for x: 4x - 2 = 10",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent(),
         )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
         assert proc.returncode == 0, stderr.decode()
@@ -166,6 +169,7 @@ async def test_semroute_route_cli_against_the_server(small_index: Path) -> None:
         denied = await asyncio.create_subprocess_exec(
             str(semroute), "route", "--server", r.addr, "--json", "hello",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent(),
         )
         _, denied_err = await asyncio.wait_for(denied.communicate(), timeout=120)
     decision = json.loads(stdout.decode().splitlines()[0])

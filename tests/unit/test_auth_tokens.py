@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from semroute.auth import TokenSet
 from semroute.config import AuthSettings
 from semroute.errors import ConfigError
-from semroute.grpc.server_common import TokenSet, bearer_token
+from semroute.grpc.interceptors import bearer_token
 
 
 def test_roles_admin_user_unknown() -> None:

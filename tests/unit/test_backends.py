@@ -8,20 +8,16 @@ connections are exercised against the fault server in tests/integration/test_dis
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from semroute.backends import (
-    BackendClient,
-    BackendConfig,
-    BackendPool,
-    StreamResult,
-    Timeouts,
-    load_backends,
-)
+from semroute.dispatch.backend_config import BackendConfig, Timeouts, load_backends
+from semroute.dispatch.pool import BackendPool
+from semroute.dispatch.sse_client import BackendClient, StreamResult, upstream_request_id
 from semroute.errors import (
     BackendError,
     BackendProtocolError,
@@ -94,12 +90,12 @@ backends:
     assert msg.startswith(f"{path}: invalid backends file")
     for expected in (
         "backends.a.base_url: required",
-        "backends.a.timeouts.first: unknown timeout",
+        ":4: backends.a.timeouts.first: unknown field (allowed: connect, first_token",
         "backends.a.timeouts.connect: must be > 0.0",
         "backends.a.max_concurrency: must be an integer",
         "backends.b.base_url: must start with http:// or https://",
         "backends.b.api_key_env: must be an environment variable NAME",
-        "backends.b.local: must be true or false",
+        ":10: backends.b.local: must be true or false",
         "backends.b.temperature: unknown field",
     ):
         assert expected in msg
@@ -185,7 +181,9 @@ async def test_streams_text_and_takes_usage_from_the_stream() -> None:
     req = seen[0]
     assert req.url.path == "/v1/chat/completions"
     assert req.headers["authorization"] == "Bearer secret-key"
-    assert req.headers["x-request-id"] == "rid-1"
+    # Not the id as sent (llama.cpp refuses non-UUID ids): a UUID derived from it.
+    assert req.headers["x-request-id"] == upstream_request_id("rid-1")
+    assert uuid.UUID(req.headers["x-request-id"])
     body = json.loads(req.content)
     assert body["model"] == "m" and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from semroute.errors import SemrouteError
-from semroute.grpc.server_common import bind_port
+from semroute.grpc.server import bind_port
 
 
 async def test_taken_port_names_address_and_setting() -> None:

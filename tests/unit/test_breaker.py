@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from semroute.backends import BreakerState, CircuitBreaker
+from semroute.dispatch.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

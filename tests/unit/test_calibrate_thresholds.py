@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from semroute.calibrate import (
+from semroute.errors import ConfigError
+from semroute.quality.calibrate import (
     choose_thresholds,
     threshold_for_coverage,
     threshold_for_precision,
 )
-from semroute.errors import ConfigError
 
 
 def test_precision_target_picks_the_lowest_threshold_that_reaches_it() -> None:
@@ -70,3 +71,46 @@ def test_unreachable_global_precision_names_the_best_reachable() -> None:
     """The error tells the user what precision is reachable so they can lower the target."""
     with pytest.raises(ConfigError, match=r"best: 0\.000"):
         choose_thresholds(["a", "a"], [0.9, 0.5], [0, 1], precision=0.6)
+
+
+def test_in_scope_coverage_counts_only_in_scope_rows() -> None:
+    """Four in-scope rows (0.9, 0.8, 0.7, 0.2) and two out-of-scope rows (0.85, 0.1): 75%
+    in-scope coverage answers the top three in-scope rows, threshold 0.7, whatever the
+    out-of-scope rows score; their answered one shows in the precision."""
+    conf = [0.9, 0.8, 0.7, 0.2, 0.85, 0.1]
+    inside = [True, True, True, True, False, False]
+    correct = [True, True, False, True, False, False]
+    cal = choose_thresholds(["a"] * 6, conf, correct, in_scope_coverage=0.75, in_scope=inside)
+    point = cal.points["*"]
+    assert cal.global_threshold == pytest.approx(0.7)
+    assert point.coverage == pytest.approx(0.75) and point.rows == 4
+    assert point.precision == pytest.approx(2 / 4)  # 0.9, 0.8 right; 0.85 (oos), 0.7 wrong
+
+
+def test_in_scope_coverage_ignores_out_of_scope_rows_entirely_for_the_threshold() -> None:
+    """Adding out-of-scope rows at any confidence does not move the threshold."""
+    base = choose_thresholds(["a"] * 4, [0.9, 0.8, 0.7, 0.2], [True] * 4,
+                             in_scope_coverage=0.5, in_scope=[True] * 4)
+    more = choose_thresholds(["a"] * 7, [0.9, 0.8, 0.7, 0.2, 0.99, 0.75, 0.01],
+                             [True] * 4 + [False] * 3, in_scope_coverage=0.5,
+                             in_scope=[True] * 4 + [False] * 3)
+    assert base.global_threshold == more.global_threshold == pytest.approx(0.8)
+
+
+def test_in_scope_coverage_needs_in_scope_rows_and_is_one_of_three_goals() -> None:
+    """No in-scope row is a clear error; combining goals is refused."""
+    with pytest.raises(ConfigError, match="in-scope validation rows"):
+        choose_thresholds(["a"], [0.5], [False], in_scope_coverage=0.9, in_scope=[False])
+    with pytest.raises(ConfigError, match="exactly one"):
+        choose_thresholds(["a"], [0.5], [True], coverage=0.5, in_scope_coverage=0.9)
+
+
+def test_per_route_in_scope_coverage_skips_routes_without_in_scope_rows() -> None:
+    """A route only out-of-scope rows were sent to keeps the global threshold."""
+    pred = ["a"] * 10 + ["b"] * 10
+    conf = list(np.linspace(0.5, 0.95, 10)) + list(np.linspace(0.1, 0.4, 10))
+    inside = [True] * 10 + [False] * 10
+    cal = choose_thresholds(pred, conf, [True] * 10 + [False] * 10, in_scope_coverage=0.9,
+                            in_scope=inside, per_route=True, min_rows=5)
+    assert "a" in cal.per_route and "b" not in cal.per_route
+    assert cal.skipped["b"] == "no in-scope validation rows"

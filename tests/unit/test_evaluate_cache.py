@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semroute.evaluate import DiskCachedEncoder
+from semroute.quality.cache import DiskCachedEncoder
 from tests.conftest import HashEncoder
 
 

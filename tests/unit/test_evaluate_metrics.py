@@ -1,4 +1,4 @@
-"""Hand-computed cases for the pure metric functions in semroute.evaluate."""
+"""Hand-computed cases for the pure metric functions in semroute.quality.metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from semroute.evaluate import (
+from semroute.quality.metrics import (
     CostQuality,
     abstain_metrics,
     aiq,
@@ -146,3 +146,17 @@ def test_oracle_random_and_sweep_points() -> None:
     assert choose_targets(predicted, costs / 4, 0.5).tolist() == [0, 1]
     sweep = cost_quality_sweep(predicted, quality, costs, weights=[0.0, 0.5, 10.0])
     assert [(p.cost, p.quality) for p in sweep] == [(4.0, 1.0), (2.5, 1.0), (1.0, 0.5)]
+
+
+def test_abstention_curve_trades_in_scope_coverage_for_oos_recall() -> None:
+    """In-scope 0.9, 0.8, 0.6, 0.4 and out-of-scope 0.5, 0.1: at threshold 0.6, 3/4 in scope
+    are answered and both out-of-scope rows abstained on."""
+    from semroute.quality.metrics import abstention_curve
+
+    curve = abstention_curve([0.9, 0.8, 0.6, 0.4, 0.5, 0.1],
+                             [False, False, False, False, True, True])
+    at = {round(p.threshold, 2): p for p in curve}
+    assert at[0.6].in_scope_coverage == pytest.approx(0.75)
+    assert at[0.6].oos_recall == pytest.approx(1.0)
+    assert at[0.1].in_scope_coverage == 1.0 and at[0.1].oos_recall == 0.0
+    assert [p.threshold for p in curve] == sorted(p.threshold for p in curve)

@@ -1,4 +1,4 @@
-"""Report assembly and test-file reading in semroute.evaluate, on hand-made runs (no model).
+"""Report assembly and test-file reading (semroute.quality reports, testfiles) on hand-made runs.
 
 Report values are rounded to 4 decimals, hence abs=1e-4."""
 
@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 from semroute.errors import ExemplarError
-from semroute.evaluate import (
-    LabelledRun,
-    labels_report,
-    outcomes_report,
-    read_labelled_csv,
-    read_outcome_csv,
-)
+from semroute.quality.reports import labels_report, outcomes_report
+from semroute.quality.runs import LabelledRun
+from semroute.quality.testfiles import read_labelled_csv, read_outcome_csv
 from tests.conftest import write
 
 
@@ -30,7 +26,7 @@ def test_labels_report_separates_out_of_scope_rows() -> None:
         confidence=np.array([0.9, 0.3, 0.8, 0.2, 0.7]),
         fallback=np.array([False, True, False, True, False]),
     )
-    r = labels_report(labels, run, ["a", "b", "general"]).data
+    r = labels_report(labels, run, ["a", "b", "general"]).to_dict()
     assert r["n_oos"] == 2 and r["n_in_scope"] == 3
     assert r["accuracy"] == pytest.approx(2 / 3, abs=1e-4)  # the abstained in-scope row counts wrong
     assert r["accuracy_no_threshold"] == pytest.approx(1.0, abs=1e-4)
@@ -46,7 +42,7 @@ def test_labels_report_separates_out_of_scope_rows() -> None:
 def test_labels_report_without_oos_has_no_oos_keys() -> None:
     """When every label is known the abstain metrics are not reported."""
     run = LabelledRun(["a", "b"], ["a", "b"], np.array([0.9, 0.9]), np.array([False, False]))
-    r = labels_report(["a", "b"], run, ["a", "b"]).data
+    r = labels_report(["a", "b"], run, ["a", "b"]).to_dict()
     assert "oos_recall" not in r and r["accuracy"] == 1.0 and r["ece"] == pytest.approx(0.1, abs=1e-4)
 
 
@@ -55,7 +51,7 @@ def test_outcomes_report_two_targets_has_apgr_and_cost_ratio() -> None:
     cost; best single, oracle, APGR and CPT follow by hand."""
     quality = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
     predicted = np.array([[0.1, 0.9], [0.9, 0.9], [0.2, 0.8], [0.8, 0.85]])
-    r = outcomes_report(predicted, quality, ["weak", "strong"], [1.0, 10.0]).data
+    r = outcomes_report(predicted, quality, ["weak", "strong"], [1.0, 10.0]).to_dict()
     assert r["best_single"] == {"target": "strong", "quality": 1.0, "cost": 10.0}
     assert r["oracle"] == {"quality": 1.0, "cost": 5.5}
     assert r["router_max_quality"] == 1.0
@@ -69,7 +65,7 @@ def test_outcomes_report_never_reaching_best_single_is_null() -> None:
     """A router that always picks the weak target never matches the best single: null ratio."""
     quality = np.array([[0.0, 1.0], [0.0, 1.0]])
     predicted = np.array([[0.9, 0.1], [0.9, 0.1]])
-    r = outcomes_report(predicted, quality, ["weak", "strong"], [1.0, 10.0]).data
+    r = outcomes_report(predicted, quality, ["weak", "strong"], [1.0, 10.0]).to_dict()
     assert r["cost_ratio_at_best_single_quality"] is None
     assert r["router_max_quality"] == 0.0
 
@@ -102,3 +98,17 @@ def test_labels_report_refuses_a_test_file_sharing_no_label_with_the_index() -> 
     run = LabelledRun(["a"], ["a"], np.array([0.9]), np.array([False]))
     with pytest.raises(ConfigError, match="no test row has a label the index knows"):
         labels_report(["x"], run, ["a", "b"])
+
+
+def test_labels_report_is_typed_and_names_in_scope_accuracy() -> None:
+    """The record carries the figures as attributes; the JSON form adds in_scope_accuracy
+    (the same as accuracy: an abstained in-scope row counts wrong) next to the OOS keys."""
+    run = LabelledRun(["a", "a", "a"], ["a", "default", "default"], np.array([0.9, 0.2, 0.1]),
+                      np.array([False, True, True]))
+    report = labels_report(["a", "a", "oos"], run, ["a", "default"])
+    assert report.in_scope_accuracy == pytest.approx(0.5)
+    assert report.abstain is not None and report.abstain.recall == pytest.approx(1.0)
+    data = report.to_dict()
+    assert data["in_scope_accuracy"] == data["accuracy"] == pytest.approx(0.5)
+    assert {"oos_recall", "oos_precision", "oos_auroc"} <= set(data)
+    assert ("OOS abstain recall", "1.0000") in report.table()

@@ -6,12 +6,18 @@ from typing import Any
 
 import pytest
 
+from semroute.auth import TokenSet
 from semroute.config import AuthSettings
-from semroute.dispatcher import Attempt, DispatchFailed
-from semroute.errors import BackendTimeout, InvalidRequest, StreamInterrupted, Unauthenticated
-from semroute.grpc.server_common import TokenSet
-from semroute.http_door import (
+from semroute.errors import (
+    Attempt,
+    BackendTimeout,
+    DispatchFailed,
+    InvalidRequest,
     ModelNotFound,
+    StreamInterrupted,
+    Unauthenticated,
+)
+from semroute.http.openai import (
     check_bearer,
     error_body,
     error_status,

@@ -14,7 +14,13 @@ import pytest
 
 from semroute.config import IndexSettings
 from semroute.errors import CorruptIndex, ExemplarError, FingerprintMismatch, IndexNotFound
-from semroute.index import ExemplarIndex, build_index, write_thresholds
+from semroute.index import (
+    ExemplarIndex,
+    IndexManifest,
+    build_index,
+    read_manifest,
+    write_thresholds,
+)
 from semroute.types import ExemplarKind
 from tests.conftest import HashEncoder, write
 
@@ -127,3 +133,82 @@ def test_outcome_index_stores_scores_and_means(tmp_path: Path, hash_encoder: Has
     assert index.kind is ExemplarKind.OUTCOMES and index.score_targets == ("a", "b")
     assert np.isnan(index.scores[1, 1])
     assert index.target_means.tolist() == pytest.approx([2 / 3, 0.5])
+
+
+def test_index_without_routes_file_gets_a_default_route(
+    tmp_path: Path, hash_encoder: HashEncoder
+) -> None:
+    """A plain `text,label` build can fall back: a `default` route (or the name given) with its
+    own target, next to one route per label."""
+    table = ExemplarIndex.load(build(tmp_path, hash_encoder)).route_table
+    assert table.default_route == "default" and table.routes["default"].targets == ("default",)
+    assert set(table.routes) == {"code", "chat", "default"}
+    other = build(tmp_path / "b", hash_encoder, default_route="elsewhere")
+    assert ExemplarIndex.load(other).route_table.default_route == "elsewhere"
+
+
+def test_manifest_is_typed_and_round_trips(tmp_path: Path, hash_encoder: HashEncoder) -> None:
+    """read_manifest gives the typed record; its JSON form is what is on disk."""
+    version = build(tmp_path, hash_encoder)
+    manifest = read_manifest(version)
+    assert isinstance(manifest, IndexManifest)
+    assert manifest.counts.exemplars == 4 and manifest.faiss.factory == "Flat"
+    on_disk = json.loads((version / "manifest.json").read_text())
+    assert manifest.to_json() == on_disk
+
+
+def test_an_index_from_before_tuning_still_loads(tmp_path: Path, hash_encoder: HashEncoder) -> None:
+    """A format-1 manifest without the keys tuning added (decision, tuning, abstain, density)
+    loads with no tuned settings and no abstention score."""
+    version = build(tmp_path, hash_encoder)
+    path = version / "manifest.json"
+    data = json.loads(path.read_text())
+    for key in ("decision", "tuning", "abstain", "density"):
+        data.pop(key)
+    path.write_text(json.dumps(data))
+    index = ExemplarIndex.load(version)
+    assert index.manifest.decision == {} and index.manifest.abstain is None
+    assert index.density is None
+
+
+def test_a_future_format_is_refused_with_what_to_do(
+    tmp_path: Path, hash_encoder: HashEncoder
+) -> None:
+    """An unknown format number names the file and says to rebuild."""
+    version = build(tmp_path, hash_encoder)
+    path = version / "manifest.json"
+    path.write_text(path.read_text().replace('"format": 1', '"format": 99'))
+    with pytest.raises(CorruptIndex, match=r"format 99 is not supported.*rebuild"):
+        ExemplarIndex.load(version)
+
+
+def _separable_csv(routes: int = 3, per_route: int = 12) -> str:
+    rows = [f"topic{r} word{r}a word{r}b sample {i} extra{i % 3},r{r}"
+            for r in range(routes) for i in range(per_route)]
+    return "text,label\n" + "\n".join(rows) + "\n"
+
+
+def test_tuned_build_records_settings_figures_and_a_score(tmp_path: Path) -> None:
+    """Enough exemplars to fold: the build records k/temperature, the CV figures with a
+    one-line summary, the abstention score and the density file; --no-tune records none."""
+    enc = HashEncoder(dimension=256)
+    version = build(tmp_path, enc, body=_separable_csv())
+    manifest = read_manifest(version)
+    assert set(manifest.decision) == {"k", "temperature"}
+    assert manifest.tuning["summary"].startswith("tuned on 5-fold CV")
+    assert manifest.abstain is not None and manifest.density == "density.npy"
+    index = ExemplarIndex.load(version)
+    assert index.density is not None and index.density.shape == (36,)
+    untuned = read_manifest(build(tmp_path / "u", enc, body=_separable_csv(), tune=False))
+    assert untuned.decision == {} and untuned.abstain is None and untuned.projection is None
+
+
+def test_explicit_settings_beat_the_tuned_ones() -> None:
+    """The router uses the index's tuned values except where the caller set a value."""
+    from semroute.config import DecisionSettings
+    from semroute.router import effective_decision
+
+    tuned = {"k": 40, "temperature": 0.1, "use_neighbours": True}
+    assert effective_decision(DecisionSettings(), tuned).k == 40
+    explicit = effective_decision(DecisionSettings(k=7), tuned)
+    assert explicit.k == 7 and explicit.temperature == 0.1

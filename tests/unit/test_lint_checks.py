@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semroute.lint import (
+from semroute.quality.lint import (
     ERROR,
     WARNING,
     LintSettings,

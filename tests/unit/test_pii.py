@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from semroute.pii import PII_KINDS, PiiDetector, iban_valid, luhn_valid, redact
+from semroute.dispatch.pii import PII_KINDS, PiiDetector, iban_valid, luhn_valid, redact
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from semroute.dispatch.rules import RuleEngine
 from semroute.errors import ConfigError
-from semroute.rules import RuleEngine
 from semroute.types import Message
 
 RULES = """\
@@ -116,7 +116,8 @@ def test_pii_can_be_disabled(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_with_file_line_and_field(tmp_path: Path) -> None:
-    """A bad file lists each problem as file:line: rules[i].field: reason, not only the first."""
+    """A bad file lists each problem as file:line: rules[i].field: reason, not only the first;
+    the line is the field's own (or the rule's, for a missing field or a whole-rule problem)."""
     path = _write(
         tmp_path,
         """\
@@ -142,9 +143,9 @@ rules:
     with pytest.raises(ConfigError) as info:
         RuleEngine.load(path)
     msg = str(info.value)
-    assert f"{path}:4: rules[0].pattern: invalid regular expression" in msg
+    assert f"{path}:5: rules[0].pattern: invalid regular expression" in msg
     assert f"{path}:8: rules[1].targets: required" in msg
-    assert f"{path}:10: rules[2].colour: unknown field" in msg
+    assert f"{path}:14: rules[2].colour: unknown field" in msg
     assert f"{path}:15: rules[3]: needs at least one of pattern, keywords" in msg
     assert "pii.kinds: unknown kind(s) passport" in msg
 

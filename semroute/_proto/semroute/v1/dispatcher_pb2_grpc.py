@@ -40,6 +40,11 @@ class DispatcherStub:
                 request_serializer=semroute_dot_v1_dot_dispatcher__pb2.ChatRequest.SerializeToString,
                 response_deserializer=semroute_dot_v1_dot_dispatcher__pb2.ChatEvent.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/semroute.v1.Dispatcher/Feedback',
+                request_serializer=semroute_dot_v1_dot_dispatcher__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=semroute_dot_v1_dot_dispatcher__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -59,6 +64,16 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """A client's score for an answer, by the x-request-id the answer carried (the Chat call's
+        trailing metadata). Recorded in the decision log next to the decision; `semroute learn`
+        turns such feedback into exemplars. Unknown id: NOT_FOUND; a score outside [0, 1] or a
+        missing field: INVALID_ARGUMENT naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -66,6 +81,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=semroute_dot_v1_dot_dispatcher__pb2.ChatRequest.FromString,
                     response_serializer=semroute_dot_v1_dot_dispatcher__pb2.ChatEvent.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=semroute_dot_v1_dot_dispatcher__pb2.FeedbackRequest.FromString,
+                    response_serializer=semroute_dot_v1_dot_dispatcher__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +115,33 @@ class Dispatcher:
             '/semroute.v1.Dispatcher/Chat',
             semroute_dot_v1_dot_dispatcher__pb2.ChatRequest.SerializeToString,
             semroute_dot_v1_dot_dispatcher__pb2.ChatEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semroute.v1.Dispatcher/Feedback',
+            semroute_dot_v1_dot_dispatcher__pb2.FeedbackRequest.SerializeToString,
+            semroute_dot_v1_dot_dispatcher__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,256 @@
+"""The feedback loop, shown on LLMRouter: start small, serve traffic, collect feedback, learn.
+
+    .venv/bin/python scripts/simulate_feedback.py [--json] [--explore 0.1] [--no-write]
+
+1. An outcome index from a seeded 10% of LLMRouter's train split (``before``), and one from all
+   of train with every score (``full``: the ceiling of what labels can give).
+2. The rest of train is traffic through the real router, in process: each query is routed by the
+   serving index, logged in a SQLite decision log with its text, and given feedback from the
+   dataset's score for the served target only (what a user's thumbs-up would say). With
+   ``--explore E`` a share E of queries is served by a uniformly drawn target instead, recorded
+   as explored (how targets that are never chosen still get feedback).
+3. ``learn``: the logged feedback joins the serving exemplars (one known score per row) in a
+   candidate index; the candidate is shadowed on held traffic (agreement with the serving
+   decisions) and promoted (the serving root's ``current`` switched to it).
+4. Before, after and full are evaluated on LLMRouter's test split: AIQ (area under the
+   cost-quality hull, as RouterBench) and the maximum quality.
+
+By default both runs are made, without and with exploration (``--explore`` sets its rate,
+0.1 by default), and docs/LOOP.md gets the table. The last stdout line is JSON:
+``{"before": {...}, "after": {...}, "full": {...}, "after_explore": {...}, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchlib import machine, write_section  # noqa: E402
+
+from semroute.config import Settings  # noqa: E402
+from semroute.encoder import OnnxEncoder  # noqa: E402
+from semroute.exemplars import read_targets_csv  # noqa: E402
+from semroute.index import build_index, switch_current  # noqa: E402
+from semroute.loop.decision_log import DecisionLog  # noqa: E402
+from semroute.loop.learn import prepare_learning  # noqa: E402
+from semroute.loop.records import DecisionRecord, Feedback, query_fields  # noqa: E402
+from semroute.loop.store import open_store  # noqa: E402
+from semroute.quality.evaluate import evaluate_outcomes  # noqa: E402
+from semroute.quality.testfiles import read_outcome_csv  # noqa: E402
+from semroute.router import Router  # noqa: E402
+from semroute.types import Query  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "llmrouter"
+TOLERANCE = 0.1  # exploration: alternatives within this much predicted quality of the best
+LOOP_HEADER = (
+    "# The loop: decision log, feedback, learning\n\n"
+    "Figures written by scripts (the command is beside each section); one run each, on the\n"
+    "machine named there.\n"
+)
+
+
+def _write_csv(path: Path, targets: list[str], texts: list[str], scores: Any) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", *targets])
+        for text, row in zip(texts, scores, strict=True):
+            writer.writerow([text, *(f"{v:.6g}" for v in row)])
+    return path
+
+
+def _evaluate(router: Router, test: Path, prices: Any, work: Path) -> dict[str, float]:
+    report = evaluate_outcomes(router, test, work, prices).report
+    return {"aiq": round(float(report.aiq), 4),
+            "max_quality": round(float(report.router_max_quality), 4)}
+
+
+def _explore(chosen: str, predicted: Any, targets: list[str], rng: random.Random) -> str:
+    """Another target whose predicted quality is within TOLERANCE of the best one (a plausible
+    alternative, not any target); the chosen one when there is none."""
+    best = max(predicted.get(t, 0.0) for t in targets)
+    near = [t for t in targets if t != chosen and predicted.get(t, 0.0) >= best - TOLERANCE]
+    return rng.choice(near) if near else chosen
+
+
+def _serve(router: Router, texts: list[str], scores: Any, targets: list[str], log: DecisionLog,
+           explore: float, rng: random.Random, offset: int = 0) -> dict[str, float]:
+    """Route the traffic, log each decision with the feedback of the target that served it."""
+    served_quality = []
+    explored = 0
+    index = {t: j for j, t in enumerate(targets)}
+    start = 0
+    batch = 256
+    while start < len(texts):
+        chunk = texts[start:start + batch]
+        decisions = router.route_batch([Query(t) for t in chunk])
+        for i, (text, decision) in enumerate(zip(chunk, decisions, strict=True)):
+            row = start + i
+            target, was_explored = decision.target, False
+            if explore and rng.random() < explore:
+                target = _explore(decision.target, decision.scores, targets, rng)
+                was_explored = target != decision.target
+                explored += was_explored
+            score = float(scores[row][index[target]])
+            served_quality.append(score)
+            rid = f"sim-{offset + row}"
+            log.record(DecisionRecord(
+                rid, time.time(), decision.route, decision.target, target, decision.confidence,
+                decision.fallback, "ok", index_version=router.index.version, explored=was_explored,
+                **query_fields(text, keep_text=True),  # type: ignore[arg-type]
+            ))
+            log.feedback(Feedback(rid, score, ts=time.time(), target=target))
+        start += batch
+    log.flush()
+    return {"served_mean_quality": round(sum(served_quality) / len(served_quality), 4),
+            "explored": explored}
+
+
+def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncoder,
+        start_version: Path, traffic: tuple[list[str], Any], targets: list[str],
+        settings: Settings) -> dict[str, Any]:
+    """Serve the traffic in ``args.rounds`` rounds; after each, learn from all feedback so far
+    and promote the candidate, so the next round is served (and imputed) by the better index."""
+    tag = f"{explore:g}"
+    serving_root = work / f"serving-{tag}"
+    serving_root.mkdir()
+    switch_current(serving_root, start_version)
+    log = DecisionLog(open_store(f"sqlite:{work / f'log-{tag}.db'}"), max_queue=100_000)
+    texts, scores = traffic
+    rng = random.Random(args.seed + 1)
+    bounds = [round(i * len(texts) / args.rounds) for i in range(args.rounds + 1)]
+    served: list[dict[str, float]] = []
+    agreement: list[float] = []
+    learned = 0
+    for r in range(args.rounds):
+        serving = Router.load(serving_root, settings)
+        part = slice(bounds[r], bounds[r + 1])
+        served.append(_serve(serving, texts[part], scores[part], targets, log, explore, rng,
+                             offset=bounds[r]))
+
+        def predict(batch: list[str], router: Router = serving) -> list[dict[str, float]]:
+            return [dict(d.scores) for d in router.route_batch([Query(t) for t in batch])]
+
+        learnt = prepare_learning(start_version, log.store.with_feedback(),
+                                  work / f"learn-{tag}-{r}", holdout=0.0,
+                                  predict=predict if args.impute else None)
+        learned = len(learnt.train)
+        candidate_version = build_index(
+            [learnt.exemplars_csv], work / f"candidates-{tag}", encoder,
+            targets_file=args.data / "models.csv", settings=settings.index, progress=False,
+        )
+        # shadow: the candidate decides the next round's traffic next to the serving index
+        upcoming = texts[bounds[r + 1]: bounds[r + 1] + 500] or texts[:500]
+        candidate = Router.load(candidate_version, settings)
+        same = sum(
+            a.target == b.target
+            for a, b in zip(serving.route_batch([Query(t) for t in upcoming]),
+                            candidate.route_batch([Query(t) for t in upcoming]), strict=True)
+        )
+        agreement.append(round(same / len(upcoming), 4))
+        switch_current(serving_root, candidate_version)  # promote
+    log.close()
+    promoted = Router.load(serving_root, settings)
+    after = _evaluate(promoted, args.data / "test.csv", read_targets_csv(args.data / "models.csv"),
+                      work / f"eval-after-{tag}")
+    return {"after": after, "served": served, "learned_rows": learned,
+            "shadow_agreement": agreement}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-share", type=float, default=0.1)
+    parser.add_argument("--explore", type=float, default=0.1)
+    parser.add_argument("--no-impute", dest="impute", action="store_false",
+                        help="leave the targets without feedback blank instead of filling them "
+                        "with the serving index's predictions")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="learn and promote after each of this many slices of traffic")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    settings = Settings()
+    encoder = OnnxEncoder.from_settings(settings.encoder.path, settings.encoder)
+    prices = read_targets_csv(args.data / "models.csv")
+    texts, scores, targets_t = read_outcome_csv(args.data / "train.csv")
+    targets = list(targets_t)
+    order = list(range(len(texts)))
+    random.Random(args.seed).shuffle(order)
+    n_start = int(len(order) * args.start_share)
+    start_rows, traffic_rows = order[:n_start], order[n_start:]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="semroute-sim-") as tmp:
+        work = Path(tmp)
+        start_csv = _write_csv(work / "start.csv", targets, [texts[i] for i in start_rows],
+                               scores[start_rows])
+        start_version = build_index([start_csv], work / "start", encoder,
+                                    targets_file=args.data / "models.csv",
+                                    settings=settings.index, progress=False)
+        full_version = build_index([args.data / "train.csv"], work / "full", encoder,
+                                   targets_file=args.data / "models.csv",
+                                   settings=settings.index, progress=False)
+        test = args.data / "test.csv"
+        before = _evaluate(Router.load(start_version, settings), test, prices, work / "eval-b")
+        full = _evaluate(Router.load(full_version, settings), test, prices, work / "eval-f")
+        traffic = ([texts[i] for i in traffic_rows], scores[traffic_rows])
+        plain = run(0.0, args, work, encoder, start_version, traffic, targets, settings)
+        explored = run(args.explore, args, work, encoder, start_version, traffic, targets,
+                       settings)
+    gap = full["aiq"] - before["aiq"]
+
+    def closed(after: dict[str, float]) -> float | None:
+        return round((after["aiq"] - before["aiq"]) / gap, 4) if gap > 0 else None
+
+    result = {
+        "before": before, "after": plain["after"], "full": full,
+        "after_explore": explored["after"], "explore_rate": args.explore,
+        "gap_closed": closed(plain["after"]), "gap_closed_explore": closed(explored["after"]),
+        "start_rows": len(start_rows), "traffic_rows": len(traffic_rows),
+        "runs": {"plain": plain, "explore": explored},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    rows = [
+        ("start index (10% of train, all scores)", before),
+        ("after learning from feedback", plain["after"]),
+        (f"after learning, {args.explore:.0%} exploration", explored["after"]),
+        ("full train, all scores", full),
+    ]
+    lines = [
+        f"`.venv/bin/python scripts/simulate_feedback.py` ({machine()}; seed {args.seed}; "
+        f"{len(start_rows)} start rows, {len(traffic_rows)} traffic rows, feedback = the dataset's "
+        "score of the served target only; test = LLMRouter test split, 500 rows).",
+        "",
+        "| index | AIQ | max quality |",
+        "|---|---|---|",
+        *(f"| {name} | {r['aiq']:.4f} | {r['max_quality']:.4f} |" for name, r in rows),
+        "",
+        f"Share of the AIQ gap (start -> full) closed by learning: {result['gap_closed']} without "
+        f"exploration, {result['gap_closed_explore']} with {args.explore:.0%} (exploration "
+        f"serves a target within {TOLERANCE} predicted quality of the best). {args.rounds} rounds "
+        "of learn + shadow + promote; shadow agreement of each candidate with the index it "
+        f"replaced: {plain['shadow_agreement']} (no exploration), {explored['shadow_agreement']} "
+        "(exploration). Targets without feedback are "
+        + ("filled with the serving index's predictions." if args.impute else "left blank."),
+    ]
+    if not args.no_write:
+        write_section("simulate_feedback", "## Learning from feedback (simulated)\n\n"
+                      + "\n".join(lines), doc=REPO / "docs" / "LOOP.md", header=LOOP_HEADER)
+    if not args.json:
+        print("\n".join(lines))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Clients of the router service.
+
+``RouterClient`` is async (grpc.aio) and is what services such as the dispatcher use.
+``SyncRouterClient`` is a thin blocking wrapper for scripts and the CLI: it runs the async client
+on a private event loop, so both share one implementation. Do not use it inside a running event
+loop; use ``RouterClient`` there.
+
+Failures come back as the ``semroute.errors`` class the server raised (``semroute.grpc.errors``),
+so callers handle local and remote routing the same way; a server that cannot be reached gives
+``ServiceUnreachable``. The original ``grpc.aio.AioRpcError`` is the ``__cause__`` and its status
+code is kept as ``.grpc_code`` on the raised error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from semroute._proto.semroute.v1 import router_pb2 as pb
+from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
+from semroute.errors import ReloadFailed
+from semroute.grpc import convert
+from semroute.grpc.errors import error_from_rpc
+from semroute.grpc.tls import call_metadata, open_channel
+from semroute.logs import get_request_id
+from semroute.types import Decision, IndexInfo, Policy, Query
+
+_NO_POLICY = Policy()
+# A router that went away and came back is used again within a second or so (grpc's default
+# reconnect backoff grows to two minutes, keeping the dispatcher on its fallback that long).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class RouterClient:
+    """Async client of ``semroute.v1.Router``. Use as ``async with RouterClient(addr) as c``.
+
+    ``token``: bearer token sent on every call. ``tls_ca``: CA file to verify the server (TLS on
+    when given); ``tls_cert``/``tls_key``: client certificate for mutual TLS. ``timeout``: per-call
+    deadline in seconds. The current request id (``semroute.logs``), if any, is forwarded as
+    ``x-request-id``.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._token = token
+        self._channel = open_channel(addr, tls_ca, tls_cert, tls_key, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.RouterStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def __aenter__(self) -> RouterClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return call_metadata(self._token, get_request_id())
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(
+                request, timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(f"router at {self.addr}", exc) from exc
+
+    async def route(
+        self,
+        text: str,
+        *,
+        history: Sequence[str] = (),
+        policy: Policy = _NO_POLICY,
+        explain: bool = False,
+        timeout: float | None = None,
+    ) -> Decision:
+        """Route one query."""
+        query = Query(text=text, history=tuple(history), policy=policy, explain=explain)
+        reply = await self._call(self.stub.Route, convert.query_to_proto(query), timeout)
+        return convert.decision_from_proto(reply)
+
+    async def route_batch(
+        self, queries: Sequence[Query], *, timeout: float | None = None
+    ) -> list[Decision]:
+        """Route several queries in one call; decisions in query order."""
+        request = pb.RouteBatchRequest(requests=[convert.query_to_proto(q) for q in queries])
+        reply = await self._call(self.stub.RouteBatch, request, timeout)
+        return [convert.decision_from_proto(r) for r in reply.responses]
+
+    async def index_info(self, *, timeout: float | None = None) -> IndexInfo:
+        """The index now serving."""
+        reply = await self._call(self.stub.GetIndexInfo, pb.GetIndexInfoRequest(), timeout)
+        return convert.info_from_proto(reply.index)
+
+    async def reload(self, path: str | None = None, *, timeout: float | None = 60.0) -> IndexInfo:
+        """Ask the server to reload (its root's ``current``, or ``path``). Needs an admin token.
+
+        Returns the index serving afterwards; raises ReloadFailed with the server's reason when
+        the new index was refused (the old one keeps serving).
+        """
+        reply = await self._call(
+            self.stub.ReloadIndex, pb.ReloadIndexRequest(path=path or ""), timeout
+        )
+        if not reply.ok:
+            raise ReloadFailed(f"router at {self.addr} kept index {reply.previous_version!r}: "
+                               f"{reply.error}")
+        return convert.info_from_proto(reply.index)
+
+
+class SyncRouterClient:
+    """Blocking wrapper over ``RouterClient`` (same arguments, same errors)."""
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._runner = asyncio.Runner()
+        # The aio channel must be created on the loop that will use it.
+        self._client: RouterClient = self._runner.run(
+            self._open(addr, token, tls_ca, tls_cert, tls_key, timeout)
+        )
+
+    @staticmethod
+    async def _open(
+        addr: str, token: str | None, tls_ca: Path | None, tls_cert: Path | None,
+        tls_key: Path | None, timeout: float,
+    ) -> RouterClient:
+        return RouterClient(addr, token=token, tls_ca=tls_ca, tls_cert=tls_cert,
+                            tls_key=tls_key, timeout=timeout)
+
+    def __enter__(self) -> SyncRouterClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._client.close())
+        finally:
+            self._runner.close()
+
+    def route(
+        self,
+        text: str,
+        *,
+        history: Sequence[str] = (),
+        policy: Policy = _NO_POLICY,
+        explain: bool = False,
+        timeout: float | None = None,
+    ) -> Decision:
+        return self._runner.run(
+            self._client.route(text, history=history, policy=policy, explain=explain,
+                               timeout=timeout)
+        )
+
+    def route_batch(self, queries: list[Query], *, timeout: float | None = None) -> list[Decision]:
+        return self._runner.run(self._client.route_batch(queries, timeout=timeout))
+
+    def index_info(self, *, timeout: float | None = None) -> IndexInfo:
+        return self._runner.run(self._client.index_info(timeout=timeout))
+
+    def reload(self, path: str | None = None, *, timeout: float | None = 60.0) -> IndexInfo:
+        return self._runner.run(self._client.reload(path, timeout=timeout))

@@ -1,0 +1,240 @@
+"""Learning from feedback: logged decisions with a score become exemplars of a candidate index.
+
+``prepare_learning`` turns the serving index's own exemplars plus the decision log's feedback
+into exemplar files a normal ``build_index`` reads, and a routes file that keeps the serving
+index's routes, targets and thresholds:
+
+- an **outcome** index gains one row per logged query with feedback: the served target's score
+  is the feedback (the mean, when a request got several), every other target is unknown (blank),
+  which the decision shrinks toward each target's mean as for any missing score;
+- a **labelled** index gains the queries whose answer scored at least ``min_score`` as exemplars
+  of the route they were sent to (a low score says the route was wrong, not which one was right,
+  so those rows are left out and counted).
+
+Only queries whose text was logged can be learnt from (``log.log_query_text``); the others are
+counted in ``LearnInput.skipped_no_text``. A share of the feedback (``holdout``, chosen by a
+stable hash of the request id) is kept out of the candidate so the comparison with the serving
+version is on feedback neither has seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from semroute.errors import ConfigError
+from semroute.loop.records import DecisionRecord, Feedback
+
+EXEMPLARS_FILE = "exemplars.jsonl"
+SCORES_FILE = "scores.npy"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class LearnedRow:
+    request_id: str
+    text: str
+    route: str
+    target: str
+    score: float
+    ts: float
+
+
+@dataclass
+class LearnInput:
+    """What ``prepare_learning`` wrote and why rows were left out."""
+
+    exemplars_csv: Path
+    routes_yaml: Path | None
+    kind: str
+    train: list[LearnedRow] = field(default_factory=list)
+    holdout: list[LearnedRow] = field(default_factory=list)
+    skipped_no_text: int = 0
+    skipped_low_score: int = 0
+    skipped_unknown_target: int = 0
+    first_ts: float = 0.0
+    last_ts: float = 0.0
+
+    def provenance(self) -> dict[str, Any]:
+        """For the candidate's manifest: which log rows, which time range."""
+        return {
+            "learned_rows": len(self.train),
+            "holdout_rows": len(self.holdout),
+            "skipped_no_text": self.skipped_no_text,
+            "skipped_low_score": self.skipped_low_score,
+            "skipped_unknown_target": self.skipped_unknown_target,
+            "time_range": [self.first_ts, self.last_ts],
+            "request_ids_sha256": hashlib.sha256(
+                "\n".join(sorted(r.request_id for r in self.train)).encode()
+            ).hexdigest(),
+        }
+
+
+def in_holdout(request_id: str, share: float) -> bool:
+    """Stable split: the same request id is always on the same side."""
+    digest = hashlib.sha256(request_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def collect(
+    pairs: list[tuple[DecisionRecord, Feedback]], holdout: float
+) -> tuple[list[LearnedRow], list[LearnedRow], int]:
+    """Feedback joined to decisions -> one row per request (scores averaged), split into train
+    and held-out; also returns how many requests had no logged text."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    decisions: dict[str, DecisionRecord] = {}
+    targets: dict[str, str] = {}
+    for decision, fb in pairs:
+        decisions[decision.request_id] = decision
+        scores[decision.request_id].append(fb.score)
+        targets[decision.request_id] = fb.target or decision.target or decision.decided_target
+    train: list[LearnedRow] = []
+    held: list[LearnedRow] = []
+    no_text = 0
+    for rid, decision in decisions.items():
+        if not decision.query_text:
+            no_text += 1
+            continue
+        row = LearnedRow(rid, decision.query_text, decision.route, targets[rid],
+                         float(np.mean(scores[rid])), decision.ts)
+        (held if in_holdout(rid, holdout) else train).append(row)
+    return train, held, no_text
+
+
+Predict = Callable[[list[str]], Sequence[Mapping[str, float]]]
+
+
+def prepare_learning(
+    version_dir: Path,
+    pairs: list[tuple[DecisionRecord, Feedback]],
+    work_dir: Path,
+    *,
+    holdout: float = 0.2,
+    min_score: float = 0.5,
+    predict: Predict | None = None,
+) -> LearnInput:
+    """Write the candidate's exemplar CSV (and routes file) under ``work_dir``.
+
+    ``predict(texts)`` (outcome indexes): the serving router's predicted quality per target for
+    each text. When given, the targets a learnt row has no feedback for are filled with those
+    predictions instead of left blank, so each new row is a whole score vector: feedback where
+    it was measured, the serving index's estimate elsewhere. Blank cells make the new rows
+    drown the fully scored exemplars' evidence on the other targets
+    (``scripts/simulate_feedback.py`` measures both)."""
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    kind = str(manifest["kind"])
+    table = manifest.get("route_table") or {}
+    train, held, no_text = collect(pairs, holdout)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = LearnInput(work_dir / "exemplars.csv", None, kind, [], held, no_text)
+    with (version_dir / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    if kind == "outcomes":
+        out.train = _write_outcomes(version_dir, manifest, rows, train, out, predict)
+    else:
+        out.train = _write_labelled(rows, train, min_score, out)
+    if out.train:
+        out.first_ts = min(r.ts for r in out.train)
+        out.last_ts = max(r.ts for r in out.train)
+    if table.get("routes") and kind != "outcomes":
+        out.routes_yaml = work_dir / "routes.yaml"
+        out.routes_yaml.write_text(yaml.safe_dump(_routes_yaml(table), sort_keys=False))
+    return out
+
+
+def _write_outcomes(
+    version_dir: Path, manifest: dict[str, Any], rows: list[dict[str, Any]],
+    train: list[LearnedRow], out: LearnInput, predict: Predict | None,
+) -> list[LearnedRow]:
+    targets = [str(t) for t in manifest["score_targets"]]
+    scores = np.load(version_dir / SCORES_FILE, allow_pickle=False)
+    if scores.shape != (len(rows), len(targets)):
+        raise ConfigError(f"{version_dir}: scores do not match the exemplars; rebuild the index")
+    kept = [r for r in train if r.target in targets]
+    out.skipped_unknown_target += len(train) - len(kept)
+    estimates: Sequence[Mapping[str, float]] = (
+        predict([r.text for r in kept]) if predict is not None and kept else [{} for _ in kept]
+    )
+    with out.exemplars_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", *targets])
+        for row, values in zip(rows, scores, strict=True):
+            writer.writerow([row["text"], *(_cell(v) for v in values)])
+        for learned, estimate in zip(kept, estimates, strict=True):
+            writer.writerow([learned.text, *(
+                _cell(learned.score) if t == learned.target else _cell(estimate.get(t, math.nan))
+                for t in targets
+            )])
+    return kept
+
+
+def _write_labelled(
+    rows: list[dict[str, Any]], train: list[LearnedRow], min_score: float, out: LearnInput
+) -> list[LearnedRow]:
+    kept = []
+    with out.exemplars_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label", "weight"])
+        for row in rows:
+            writer.writerow([row["text"], row["label"], row.get("weight", 1.0)])
+        for learned in train:
+            if learned.score < min_score:
+                out.skipped_low_score += 1
+                continue
+            writer.writerow([learned.text, learned.route, 1.0])
+            kept.append(learned)
+    return kept
+
+
+def _cell(value: float) -> str:
+    return "" if value is None or not math.isfinite(float(value)) else f"{float(value):.6g}"
+
+
+def _routes_yaml(table: dict[str, Any]) -> dict[str, Any]:
+    """The serving index's route table in routes.yaml form (version 1)."""
+    doc: dict[str, Any] = {"version": 1}
+    if table.get("default_route"):
+        doc["default"] = table["default_route"]
+    if table.get("threshold") is not None:
+        doc["threshold"] = table["threshold"]
+    doc["targets"] = {
+        name: {k: v for k, v in spec.items() if k in ("input_cost", "output_cost", "local")}
+        for name, spec in table.get("targets", {}).items()
+    }
+    doc["routes"] = {
+        name: {"targets": list(spec["targets"]),
+               **({"threshold": spec["threshold"]} if spec.get("threshold") is not None else {})}
+        for name, spec in table["routes"].items()
+    }
+    return doc
+
+
+@dataclass(frozen=True)
+class ReplayScore:
+    """Replay estimate of a router on held-out feedback: of the rows where it would have
+    chosen the target that actually answered (``matched``), the mean feedback score. Rows
+    where it chooses another target say nothing about it (their outcome is unknown)."""
+
+    matched: int
+    rows: int
+    mean_score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"matched": self.matched, "rows": self.rows,
+                "mean_score": None if self.mean_score is None else round(self.mean_score, 4)}
+
+
+def replay(choose: Any, rows: list[LearnedRow]) -> ReplayScore:
+    """``choose(text) -> target`` replayed on ``rows`` (see ``ReplayScore``)."""
+    hits = [r.score for r in rows if choose(r.text) == r.target]
+    return ReplayScore(len(hits), len(rows), float(np.mean(hits)) if hits else None)

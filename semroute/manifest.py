@@ -1,0 +1,188 @@
+"""The index manifest as a typed record, and its JSON form (format 1).
+
+Format 1 grew additively: ``decision`` (settings chosen by the build's tuner), ``tuning`` (its
+cross-validated figures), ``abstain`` (the abstention score's weights) and ``density`` (the file
+of each exemplar's own density) are absent from older indexes, which still load and behave as
+before (vote share as confidence, the settings' decision values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from semroute.abstain import AbstainModel
+from semroute.errors import CorruptIndex
+from semroute.types import ExemplarKind, Route, RouteTable, Target
+
+FORMAT_VERSION = 1
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EncoderRecord:
+    fingerprint: str
+    dimension: int
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class FaissRecord:
+    factory: str
+    exact: bool
+    ef_search: int
+    metric: str = "inner_product"
+
+
+@dataclass(frozen=True)
+class ProjectionRecord:
+    file: str
+    method: str
+    dimension: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    exemplars: int
+    per_label: Mapping[str, int] = field(default_factory=dict)
+    dropped_duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Calibrated thresholds (``semroute calibrate``); they beat the routes file's."""
+
+    global_threshold: float | None = None
+    per_route: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """Everything an index version records about itself. ``route_table`` is the table from the
+    build (routes file or one route per label); ``effective_route_table`` applies calibration."""
+
+    version: str
+    built_at: str
+    kind: ExemplarKind
+    counts: Counts
+    encoder: EncoderRecord
+    faiss: FaissRecord
+    route_table: RouteTable
+    checksums: Mapping[str, str]
+    projection: ProjectionRecord | None = None
+    score_targets: tuple[str, ...] = ()
+    target_means: Mapping[str, float] = field(default_factory=dict)
+    thresholds: Thresholds = Thresholds()
+    stats: Mapping[str, float] = field(default_factory=dict)
+    decision: Mapping[str, float | int | bool] = field(default_factory=dict)
+    tuning: Mapping[str, Any] = field(default_factory=dict)
+    abstain: AbstainModel | None = None
+    density: str | None = None
+    format: int = FORMAT_VERSION
+
+    def effective_route_table(self) -> RouteTable:
+        t = self.route_table
+        per_route = self.thresholds.per_route
+        routes = {
+            name: replace(route, threshold=per_route.get(name, route.threshold))
+            for name, route in t.routes.items()
+        }
+        threshold = self.thresholds.global_threshold
+        return RouteTable(routes, t.targets, t.default_route,
+                          t.threshold if threshold is None else threshold)
+
+    def to_json(self) -> JsonDict:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "built_at": self.built_at,
+            "kind": self.kind.value,
+            "counts": {"exemplars": self.counts.exemplars, "per_label": dict(self.counts.per_label),
+                       "dropped_duplicates": self.counts.dropped_duplicates},
+            "encoder": asdict(self.encoder),
+            "faiss": asdict(self.faiss),
+            "projection": asdict(self.projection) if self.projection else None,
+            "score_targets": list(self.score_targets),
+            "target_means": dict(self.target_means),
+            "route_table": route_table_to_json(self.route_table),
+            "thresholds": (
+                {"global": self.thresholds.global_threshold,
+                 "per_route": dict(self.thresholds.per_route)}
+                if self.thresholds != Thresholds() else {}
+            ),
+            "stats": dict(self.stats),
+            "decision": dict(self.decision),
+            "tuning": dict(self.tuning),
+            "abstain": self.abstain.to_dict() if self.abstain else None,
+            "density": self.density,
+            "checksums": dict(self.checksums),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: Path) -> IndexManifest:
+        """Parse a manifest; CorruptIndex names the file and the missing or bad field."""
+        if data.get("format") != FORMAT_VERSION:
+            raise CorruptIndex(
+                f"{where}: format {data.get('format')!r} is not supported (this semroute reads "
+                f"format {FORMAT_VERSION}); rebuild with `semroute index build`"
+            )
+        try:
+            enc, fa, counts = data["encoder"], data["faiss"], data["counts"]
+            proj = data.get("projection")
+            thr = data.get("thresholds") or {}
+            abstain = data.get("abstain")
+            return cls(
+                version=str(data["version"]),
+                built_at=str(data["built_at"]),
+                kind=ExemplarKind(data["kind"]),
+                counts=Counts(int(counts["exemplars"]), dict(counts.get("per_label", {})),
+                              int(counts.get("dropped_duplicates", 0))),
+                encoder=EncoderRecord(str(enc["fingerprint"]), int(enc["dimension"]),
+                                      str(enc.get("path", ""))),
+                faiss=FaissRecord(str(fa["factory"]), bool(fa.get("exact", True)),
+                                  int(fa.get("ef_search", 64)), str(fa.get("metric", "inner_product"))),
+                route_table=route_table_from_json(data["route_table"]),
+                checksums=dict(data.get("checksums", {})),
+                projection=(ProjectionRecord(str(proj["file"]), str(proj["method"]),
+                                             int(proj["dimension"])) if proj else None),
+                score_targets=tuple(data.get("score_targets", ())),
+                target_means=dict(data.get("target_means", {})),
+                thresholds=Thresholds(thr.get("global"), dict(thr.get("per_route", {}))),
+                stats=dict(data.get("stats", {})),
+                decision=dict(data.get("decision") or {}),
+                tuning=dict(data.get("tuning") or {}),
+                abstain=AbstainModel.from_dict(abstain) if abstain else None,
+                density=data.get("density"),
+            )
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise CorruptIndex(
+                f"{where}: missing or invalid field ({exc!r}); rebuild the index"
+            ) from exc
+
+
+def route_table_to_json(table: RouteTable) -> JsonDict:
+    return {
+        "routes": {
+            name: {
+                "targets": list(route.targets),
+                "threshold": route.threshold,
+                "description": route.description,
+            }
+            for name, route in table.routes.items()
+        },
+        "targets": {name: asdict(t) for name, t in table.targets.items()},
+        "default_route": table.default_route,
+        "threshold": table.threshold,
+    }
+
+
+def route_table_from_json(raw: Mapping[str, Any]) -> RouteTable:
+    routes = {
+        name: Route(name, tuple(spec["targets"]), spec.get("threshold"),
+                    spec.get("description", ""))
+        for name, spec in raw["routes"].items()
+    }
+    targets = {name: Target(**spec) for name, spec in raw["targets"].items()}
+    return RouteTable(routes, targets, raw.get("default_route"), raw.get("threshold"))

@@ -1,0 +1,137 @@
+"""A throwaway PostgreSQL server for tests and scripts: initdb in a temp dir, one server on a free
+loopback port, stopped (and its directory removed) on ``stop()``.
+
+Debian's ``postgresql`` package provides the binaries (``make setup`` installs it); they are
+looked up on PATH and under /usr/lib/postgresql/*/bin. PostgreSQL refuses to run as root, so
+when we are root the server runs as the ``postgres`` system user the package creates. The server
+dies with its parent (PR_SET_PDEATHSIG), so a killed test run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from semroute.errors import StackError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def find_binary(name: str) -> Path | None:
+    """``name`` (initdb, postgres) from PATH or the newest /usr/lib/postgresql/*/bin."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for folder in versions:
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _as_user(uid: int | None, gid: int | None) -> Callable[[], None]:
+    def prepare() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if gid is not None:
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+
+    return prepare
+
+
+@dataclass
+class PostgresServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # "fast" shutdown
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_postgres(timeout: float = 30.0) -> PostgresServer:
+    """Start a fresh server; ``url`` connects as the superuser to database ``postgres``.
+    Raises StackError saying what is missing or what failed."""
+    initdb, postgres = find_binary("initdb"), find_binary("postgres")
+    if initdb is None or postgres is None:
+        raise StackError(
+            "PostgreSQL is not installed: run `make setup` (Debian package postgresql)"
+        )
+    uid = gid = None
+    user = pwd.getpwuid(os.getuid()).pw_name
+    if os.getuid() == 0:
+        try:
+            entry = pwd.getpwnam("postgres")
+        except KeyError:
+            raise StackError("running as root needs the `postgres` system user") from None
+        uid, gid, user = entry.pw_uid, entry.pw_gid, "postgres"
+    directory = Path(tempfile.mkdtemp(prefix="semroute-pg-"))
+    data = directory / "data"
+    if uid is not None:
+        os.chown(directory, uid, gid or -1)
+    prepare = _as_user(uid, gid)
+    init = subprocess.run(
+        [str(initdb), "-D", str(data), "-A", "trust", "-U", user, "--no-sync", "-E", "UTF8"],
+        capture_output=True, preexec_fn=prepare, timeout=120, check=False,
+    )
+    if init.returncode != 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise StackError(f"initdb failed: {init.stderr.decode(errors='replace')[-500:]}")
+    port = _free_port()
+    log_file = (directory / "postgres.log").open("wb")
+    process = subprocess.Popen(
+        [str(postgres), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
+         "-k", str(directory), "-c", "fsync=off", "-c", "full_page_writes=off"],
+        stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=prepare,
+    )
+    log_file.close()
+    server = PostgresServer(f"postgresql://{user}@127.0.0.1:{port}/postgres", port, process,
+                            directory)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = (directory / "postgres.log").read_text(errors="replace")[-800:]
+            server.stop()
+            raise StackError(f"postgres exited with {process.returncode}: {text}")
+        text = (directory / "postgres.log").read_text(errors="replace")
+        if "ready to accept connections" in text:
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise StackError(f"postgres did not listen on 127.0.0.1:{port} within {timeout:g} s")
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
