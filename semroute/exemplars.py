@@ -19,15 +19,17 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field
 
 from semroute.errors import ConfigError, ExemplarError, RowProblem
 from semroute.types import Exemplar, ExemplarKind, Route, RouteTable, Target
+from semroute.yamlfile import StrictModel, line_of, read_yaml, validate
 
 MAX_LABEL_CHARS = 128
 _LABELLED_COLUMNS = ({"text", "label"}, {"text", "label", "weight"})
@@ -90,30 +92,52 @@ def read_exemplars(paths: Sequence[Path]) -> ExemplarSet:
     return result
 
 
-def _read_csv(
-    path: Path, problems: list[RowProblem]
-) -> tuple[ExemplarKind, tuple[str, ...], list[Exemplar]]:
+@dataclass(frozen=True)
+class CsvTable:
+    """A CSV file read the one way semroute reads them: UTF-8 (a BOM allowed), the header's
+    names stripped, each record with the line it starts on (quoted fields may span lines),
+    blank records left out."""
+
+    path: Path
+    header: list[str]
+    rows: list[tuple[int, list[str]]]
+
+
+def read_csv(path: Path) -> CsvTable:
+    """Read ``path``; ExemplarError names file:line when it cannot be read, is not UTF-8 or has
+    no header. Every exemplar, test, probe and price file goes through here."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        problems.append(RowProblem(str(path), 0, f"cannot read: {exc.strerror}"))
-        return ExemplarKind.LABELLED, (), []
+        raise ExemplarError([RowProblem(str(path), 0, f"cannot read: {exc.strerror}")]) from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        problems.append(
-            RowProblem(str(path), line, f"not UTF-8 (byte {exc.start}); re-save as UTF-8")
-        )
-        return ExemplarKind.LABELLED, (), []
-
+        raise ExemplarError([RowProblem(
+            str(path), line, f"not UTF-8 (byte {exc.start}); re-save as UTF-8"
+        )]) from None
+    csv.field_size_limit(16 * 1024 * 1024)  # long prompts are legitimate cells
     reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise ExemplarError([RowProblem(str(path), 1, "empty file: a header row is needed")])
+    rows = [
+        (line, cells) for line, cells in _rows_with_lines(reader) if any(c.strip() for c in cells)
+    ]
+    return CsvTable(path, [h.strip() for h in header], rows)
+
+
+def _read_csv(
+    path: Path, problems: list[RowProblem]
+) -> tuple[ExemplarKind, tuple[str, ...], list[Exemplar]]:
     try:
-        header = next(reader)
-    except StopIteration:
-        problems.append(RowProblem(str(path), 1, "empty file; expected a header `text,label`"))
+        table = read_csv(path)
+    except ExemplarError as exc:
+        problems.extend(exc.problems)
         return ExemplarKind.LABELLED, (), []
-    header = [h.strip() for h in header]
+    header = table.header
     if not header or header[0] != "text":
         problems.append(
             RowProblem(
@@ -129,7 +153,7 @@ def _read_csv(
         problems.append(RowProblem(str(path), 1, f"duplicate column(s) {sorted(dupes)}"))
         return ExemplarKind.LABELLED, (), []
     if set(header) in _LABELLED_COLUMNS:
-        return ExemplarKind.LABELLED, (), _labelled_rows(path, header, reader, problems)
+        return ExemplarKind.LABELLED, (), _labelled_rows(path, header, table.rows, problems)
     if "label" in header:
         problems.append(
             RowProblem(str(path), 1, f"unexpected columns for a labelled file: {header[1:]}")
@@ -139,7 +163,7 @@ def _read_csv(
         problems.append(RowProblem(str(path), 1, "outcome header needs named target columns"))
         return ExemplarKind.OUTCOMES, (), []
     targets = tuple(header[1:])
-    return ExemplarKind.OUTCOMES, targets, _outcome_rows(path, targets, reader, problems)
+    return ExemplarKind.OUTCOMES, targets, _outcome_rows(path, targets, table.rows, problems)
 
 
 def _rows_with_lines(reader: Any) -> Iterable[tuple[int, list[str]]]:
@@ -151,13 +175,12 @@ def _rows_with_lines(reader: Any) -> Iterable[tuple[int, list[str]]]:
 
 
 def _labelled_rows(
-    path: Path, header: list[str], reader: Any, problems: list[RowProblem]
+    path: Path, header: list[str], records: list[tuple[int, list[str]]],
+    problems: list[RowProblem],
 ) -> list[Exemplar]:
     col = {name: i for i, name in enumerate(header)}
     rows: list[Exemplar] = []
-    for line, cells in _rows_with_lines(reader):
-        if not any(c.strip() for c in cells):
-            continue  # blank line
+    for line, cells in records:
         where = f"{path}:{line}"
         if len(cells) != len(header):
             problems.append(
@@ -177,12 +200,11 @@ def _labelled_rows(
 
 
 def _outcome_rows(
-    path: Path, targets: tuple[str, ...], reader: Any, problems: list[RowProblem]
+    path: Path, targets: tuple[str, ...], records: list[tuple[int, list[str]]],
+    problems: list[RowProblem],
 ) -> list[Exemplar]:
     rows: list[Exemplar] = []
-    for line, cells in _rows_with_lines(reader):
-        if not any(c.strip() for c in cells):
-            continue
+    for line, cells in records:
         if len(cells) != len(targets) + 1:
             problems.append(
                 RowProblem(str(path), line, f"{len(cells)} columns, header has {len(targets) + 1}")
@@ -375,108 +397,79 @@ def load_route_table(
     )
 
 
+class _TargetSpec(StrictModel):
+    input_cost: float = Field(0.0, ge=0, allow_inf_nan=False)
+    output_cost: float = Field(0.0, ge=0, allow_inf_nan=False)
+    local: bool = False
+    description: str = ""
+
+
+class _RouteSpec(StrictModel):
+    targets: list[str] = Field(min_length=1)
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    description: str = ""
+
+
+class _RoutesFile(StrictModel):
+    version: Literal[1] = 1
+    default: str | None = None
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    targets: dict[str, _TargetSpec | None] = Field(default_factory=dict)
+    routes: dict[str, _RouteSpec] = Field(min_length=1)
+
+
 def _parse_routes_yaml(
     path: Path,
 ) -> tuple[dict[str, Route], dict[str, Target], str | None, float | None]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read routes file: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with `routes` and `targets`")
-    unknown = set(data) - {"version", "default", "threshold", "targets", "routes"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level field(s) {sorted(unknown)}")
-    if data.get("version", 1) != 1:
-        raise ConfigError(f"{path}: version: only version 1 is supported")
-
-    targets: dict[str, Target] = {}
-    raw_targets = data.get("targets") or {}
-    if not isinstance(raw_targets, Mapping):
-        raise ConfigError(f"{path}: targets: must be a mapping of name -> settings")
-    for name, spec in raw_targets.items():
-        spec = spec or {}
-        where = f"{path}: targets.{name}"
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}: must be a mapping")
-        extra = set(spec) - {"input_cost", "output_cost", "local", "description"}
-        if extra:
-            raise ConfigError(f"{where}: unknown field(s) {sorted(extra)}")
-        costs = [
-            _non_negative(spec.get(f, 0.0), f"{where}.{f}") for f in ("input_cost", "output_cost")
-        ]
-        local = spec.get("local", False)
-        if not isinstance(local, bool):
-            raise ConfigError(f"{where}.local: must be true or false")
-        targets[str(name)] = Target(str(name), costs[0], costs[1], local)
-
-    routes: dict[str, Route] = {}
-    raw_routes = data.get("routes")
-    if not isinstance(raw_routes, Mapping) or not raw_routes:
-        raise ConfigError(f"{path}: routes: must be a non-empty mapping of name -> settings")
-    for name, spec in raw_routes.items():
-        where = f"{path}: routes.{name}"
-        if _check_label(str(name)):
-            raise ConfigError(f"{where}: {_check_label(str(name))}")
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}: must be a mapping with `targets`")
-        extra = set(spec) - {"targets", "threshold", "description"}
-        if extra:
-            raise ConfigError(f"{where}: unknown field(s) {sorted(extra)}")
-        chain = spec.get("targets")
-        if not isinstance(chain, list) or not chain:
-            raise ConfigError(f"{where}.targets: must be a non-empty list of target names")
-        for i, target in enumerate(chain):
+    """routes.yaml checked through ``semroute.yamlfile`` (every problem as file:line: field),
+    then the cross-references: route names, each route's targets, the default route."""
+    data, node = read_yaml(path, "routes file")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: top level must be a mapping with `routes` and `targets`")
+    spec = validate(data, node, _RoutesFile, path, "routes file")
+    targets = {
+        name: Target(name, t.input_cost, t.output_cost, t.local) if t else Target(name)
+        for name, t in spec.targets.items()
+    }
+    problems: list[str] = []
+    for name, route in spec.routes.items():
+        bad_name = _check_label(name)
+        if bad_name:
+            problems.append(f"{path}:{line_of(node, ['routes', name])}: routes.{name}: {bad_name}")
+        for i, target in enumerate(route.targets):
             if target not in targets:
-                raise ConfigError(
-                    f"{where}.targets[{i}]: unknown target {target!r}; define it under `targets:`"
+                where = line_of(node, ["routes", name, "targets", i])
+                problems.append(
+                    f"{path}:{where}: routes.{name}.targets[{i}]: unknown target {target!r}; "
+                    "define it under `targets:`"
                 )
-        route_threshold = spec.get("threshold")
-        if route_threshold is not None:
-            route_threshold = _unit(route_threshold, f"{where}.threshold")
-        routes[str(name)] = Route(
-            str(name), tuple(chain), route_threshold, str(spec.get("description") or "")
+    if spec.default is not None and spec.default not in spec.routes:
+        problems.append(
+            f"{path}:{line_of(node, ['default'])}: default: {spec.default!r} is not one of the "
+            "routes"
         )
-
-    default_route = data.get("default")
-    if default_route is not None and default_route not in routes:
-        raise ConfigError(f"{path}: default: {default_route!r} is not one of the routes")
-    threshold = data.get("threshold")
-    if threshold is not None:
-        threshold = _unit(threshold, f"{path}: threshold")
-    return routes, targets, default_route, threshold
-
-
-def _non_negative(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _unit(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(f"{where}: must be a number in 0..1, got {value!r}")
-    return float(value)
+    if problems:
+        raise ConfigError(f"{path}: invalid routes file:\n  " + "\n  ".join(problems))
+    routes = {
+        name: Route(name, tuple(r.targets), r.threshold, r.description)
+        for name, r in spec.routes.items()
+    }
+    return routes, targets, spec.default, spec.threshold
 
 
 def read_targets_csv(path: Path) -> dict[str, Target]:
     """Targets and prices from a CSV: ``model,input_usd_per_1m_tokens,output_usd_per_1m_tokens``
     (extra columns ignored; an optional ``local`` column takes true/false)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read targets file: {exc.strerror}") from exc
-    reader = csv.DictReader(io.StringIO(text))
+        table = read_csv(path)
+    except ExemplarError as exc:
+        raise ConfigError(f"targets file {exc.problems[0]}") from exc
     needed = {"model", "input_usd_per_1m_tokens", "output_usd_per_1m_tokens"}
-    if not reader.fieldnames or not needed <= set(reader.fieldnames):
+    if not needed <= set(table.header):
         raise ConfigError(f"{path}:1: header must include {sorted(needed)}")
     targets: dict[str, Target] = {}
-    for row in reader:
-        line = reader.line_num
+    for line, cells in table.rows:
+        row = dict(zip(table.header, cells, strict=False))
         try:
             costs = [float(row[c]) for c in ("input_usd_per_1m_tokens", "output_usd_per_1m_tokens")]
         except (TypeError, ValueError) as exc:

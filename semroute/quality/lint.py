@@ -21,7 +21,6 @@ The checks work on embeddings and labels only, so they are testable without the 
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -288,18 +287,17 @@ def lint(
 def _raw_csv_rows(path: Path) -> list[tuple[str, str, str]]:
     """(source, text, label) of every data row of an exemplar CSV, duplicates included
     (``read_exemplars`` has already validated the file and drops exact duplicates)."""
+    from semroute.exemplars import read_csv
+
+    table = read_csv(path)
+    header = table.header
+    ti = header.index("text") if "text" in header else 0
+    li = header.index("label") if "label" in header else None
     rows: list[tuple[str, str, str]] = []
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        ti = header.index("text") if "text" in header else 0
-        li = header.index("label") if "label" in header else None
-        for row in reader:
-            if not row:
-                continue
-            text = row[ti] if ti < len(row) else ""
-            label = row[li].strip() if li is not None and li < len(row) else ""
-            rows.append((f"{path}:{reader.line_num}", text.strip(), label))
+    for line, row in table.rows:
+        text = row[ti] if ti < len(row) else ""
+        label = row[li].strip() if li is not None and li < len(row) else ""
+        rows.append((f"{path}:{line}", text.strip(), label))
     return rows
 
 

@@ -19,7 +19,6 @@ build uses), so it is testable without the encoder.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy.typing as npt
 
 from semroute.decision import DecisionParams, vote_shares, winning_label
 from semroute.errors import ExemplarError, RowProblem
+from semroute.exemplars import read_csv
 
 
 @dataclass(frozen=True)
@@ -59,20 +59,18 @@ def read_probes(path: Path) -> list[Probe]:
     without text or label (or the header, if it lacks those columns)."""
     probes: list[Probe] = []
     problems: list[RowProblem] = []
-    with Path(path).open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
-            raise ExemplarError(
-                [RowProblem(str(path), 1, "expected a header with columns text,label")]
-            )
-        for row in reader:
-            text, label = (row.get("text") or "").strip(), (row.get("label") or "").strip()
-            if not text or not label:
-                problems.append(
-                    RowProblem(str(path), reader.line_num, "a probe needs both text and label")
-                )
-            else:
-                probes.append(Probe(text, label, f"{path}:{reader.line_num}"))
+    table = read_csv(path)
+    if not {"text", "label"} <= set(table.header):
+        raise ExemplarError(
+            [RowProblem(str(path), 1, "expected a header with columns text,label")]
+        )
+    for line, cells in table.rows:
+        row = dict(zip(table.header, cells, strict=False))
+        text, label = (row.get("text") or "").strip(), (row.get("label") or "").strip()
+        if not text or not label:
+            problems.append(RowProblem(str(path), line, "a probe needs both text and label"))
+        else:
+            probes.append(Probe(text, label, f"{path}:{line}"))
     if problems:
         raise ExemplarError(problems)
     return probes

@@ -5,7 +5,6 @@ Every bad row is reported as file:line in one ExemplarError.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,30 +12,16 @@ import numpy as np
 import numpy.typing as npt
 
 from semroute.errors import ExemplarError, RowProblem
+from semroute.exemplars import read_csv
 
 FloatArray = npt.NDArray[np.float64]
 
 
 def _open_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ExemplarError([RowProblem(str(path), 0, f"cannot read: {exc.strerror}")]) from exc
-    import io
-
-    csv.field_size_limit(16 * 1024 * 1024)
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if not header:
-        raise ExemplarError([RowProblem(str(path), 1, "empty file: a header row is needed")])
-    rows: list[tuple[int, list[str]]] = []
-    for row in reader:
-        if row:
-            rows.append((reader.line_num, row))
-    if not rows:
+    table = read_csv(path)
+    if not table.rows:
         raise ExemplarError([RowProblem(str(path), 2, "no test rows")])
-    return [h.strip() for h in header], rows
+    return table.header, table.rows
 
 
 def read_labelled_csv(path: Path) -> tuple[list[str], list[str]]:
