@@ -313,7 +313,7 @@ class CachedEncoder:
     Only the texts that miss are sent to the encoder, in one batch.
     """
 
-    def __init__(self, encoder: OnnxEncoder, size: int) -> None:
+    def __init__(self, encoder: Encoder, size: int) -> None:
         self.inner = encoder
         self.size = size
         self.hits = 0
@@ -328,10 +328,6 @@ class CachedEncoder:
     @property
     def fingerprint(self) -> str:
         return self.inner.fingerprint
-
-    @property
-    def max_tokens(self) -> int:
-        return self.inner.max_tokens
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         if self.size == 0:

@@ -24,7 +24,7 @@ from semroute.decision import (
 from semroute.encoder import CachedEncoder, OnnxEncoder
 from semroute.errors import FingerprintMismatch, InvalidRequest, UnknownTarget
 from semroute.index import ExemplarIndex
-from semroute.types import Decision, ExemplarKind, IndexInfo, Policy, Query, Vectors
+from semroute.types import Decision, Encoder, ExemplarKind, IndexInfo, Policy, Query, Vectors
 
 
 def effective_decision(
@@ -56,7 +56,7 @@ class Router:
 
     def __init__(
         self,
-        encoder: CachedEncoder | OnnxEncoder,
+        encoder: Encoder,
         index: ExemplarIndex,
         settings: Settings | None = None,
     ) -> None:

@@ -132,7 +132,7 @@ class RouterHandle:
             self._encoder = router.encoder
             return router
         index = ExemplarIndex.load(path, expect_fingerprint=self._encoder.fingerprint)
-        return Router(self._encoder, index, self.settings)  # type: ignore[arg-type]
+        return Router(self._encoder, index, self.settings)
 
     def _with_index(self, router: Router, path: Path) -> Router:
         from semroute.index import ExemplarIndex
