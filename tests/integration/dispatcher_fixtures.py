@@ -98,7 +98,8 @@ async def make_stack(
 ) -> AsyncIterator[StackFactory]:
     """Build a dispatcher + gRPC server + client. Keyword arguments: ``rules`` (RuleEngine),
     ``environ`` (cloud keys; default: the test key set), ``timeouts``, ``max_concurrency``,
-    ``router`` (default: the real in-process router), ``sink`` (a decision sink) and any
+    ``router`` (default: the real in-process router), ``sink`` (a decision sink), ``clock``
+    (the backends' breakers read it: tests move time instead of sleeping) and any
     DispatcherSettings field."""
     built: list[tuple[Any, Dispatcher, DispatcherClient]] = []
 
@@ -110,6 +111,7 @@ async def make_stack(
         max_concurrency: int = 8,
         router: Any = None,
         sink: Any = None,
+        clock: Any = None,
         **dispatcher: Any,
     ) -> Stack:
         values = {"retries": 1, "backoff_s": 0.01, "breaker_failures": 50,
@@ -122,6 +124,7 @@ async def make_stack(
             breaker_failures=settings.dispatcher.breaker_failures,
             breaker_cooldown_s=settings.dispatcher.breaker_cooldown_s,
             environ={CLOUD_KEY_ENV: "test-cloud-key"} if environ is None else environ,
+            **({"clock": clock} if clock is not None else {}),
         )
         metrics = DispatchMetrics()
         disp = Dispatcher(

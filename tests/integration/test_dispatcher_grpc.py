@@ -205,8 +205,11 @@ async def test_retry_on_same_target_after_jittered_backoff(make_stack: StackFact
 
 async def test_breaker_opens_then_half_open_probe_closes_it(make_stack: StackFactory) -> None:
     """After breaker_failures consecutive failures the target is skipped without a request;
-    after the cooldown one probe goes through and, succeeding, closes the breaker."""
-    stack = await make_stack(retries=0, breaker_failures=2, breaker_cooldown_s=0.3)
+    after the cooldown one probe goes through and, succeeding, closes the breaker. The breakers
+    read an injected clock, so the cooldown passes without sleeping."""
+    now = [1000.0]
+    stack = await make_stack(retries=0, breaker_failures=2, breaker_cooldown_s=30.0,
+                             clock=lambda: now[0])
     large = stack.llms["local-large"]
     large.set_default(FaultSpec("500"))
     for _ in range(2):
@@ -219,7 +222,8 @@ async def test_breaker_opens_then_half_open_probe_closes_it(make_stack: StackFac
     assert stack.sample("semroute_dispatcher_backend_failures_total",
                         target="local-large", kind="CircuitOpen") == 1
     large.set_default(FaultSpec(chunks=CHUNKS))
-    await asyncio.sleep(0.35)
+    assert stack.sample("semroute_dispatcher_breaker_state", target="local-large") == 2
+    now[0] += 30.5  # the cooldown passes
     # the gauge follows the cooldown by itself: half-open before any new request
     assert stack.sample("semroute_dispatcher_breaker_state", target="local-large") == 1
     _, text, done = split((await run(stack, user(CODE_PROMPT)))[0])
