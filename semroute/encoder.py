@@ -32,7 +32,7 @@ import numpy as np
 
 from semroute.config import EncoderSettings
 from semroute.errors import EncoderError
-from semroute.logs import ProgressCallback, stderr_progress
+from semroute.logs import ProgressCallback
 from semroute.types import Encoder, Vectors
 
 # The files of an exported encoder directory (written by ``semroute.export``).
@@ -270,16 +270,14 @@ def embed_many(
     texts: Sequence[str],
     batch_size: int = 64,
     *,
-    progress: ProgressCallback | bool | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Vectors:
     """Embed many texts ``batch_size`` at a time (bounded memory), in input order.
 
     Texts are sorted by length first so each batch holds similar lengths (little padding).
-    ``progress(done, total)`` is called after each batch (``True``: a line on stderr, see
-    ``semroute.logs.stderr_progress``).
+    ``progress(done, total)`` is called after each batch (``semroute.logs.stderr_progress``
+    prints a line on stderr).
     """
-    if progress is True:
-        progress = stderr_progress("embedding")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), encoder.dimension), dtype=np.float32)
     for start in range(0, len(order), batch_size):

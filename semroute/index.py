@@ -43,7 +43,7 @@ from semroute.config import DecisionSettings, IndexSettings
 from semroute.encoder import embed_many
 from semroute.errors import CorruptIndex, FingerprintMismatch, IndexNotFound
 from semroute.exemplars import ExemplarSet, load_route_table, read_exemplars
-from semroute.logs import get_logger
+from semroute.logs import get_logger, stderr_progress
 from semroute.manifest import (
     FORMAT_VERSION,
     Counts,
@@ -307,7 +307,9 @@ def build_index(
 
     started = time.perf_counter()
     texts = [e.text for e in exemplar_set.exemplars]
-    vectors = embed_many(encoder, texts, batch_size, progress=progress)
+    vectors = embed_many(
+        encoder, texts, batch_size, progress=stderr_progress("embedding") if progress else None
+    )
     embed_s = time.perf_counter() - started
     tuning = _tune(vectors, exemplar_set, table, settings, decision) if tune else None
     projection = None

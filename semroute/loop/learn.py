@@ -33,11 +33,10 @@ import numpy as np
 import yaml
 
 from semroute.errors import ConfigError
+from semroute.index import EXEMPLARS_FILE, SCORES_FILE, read_manifest
 from semroute.loop.records import DecisionRecord, Feedback
-
-EXEMPLARS_FILE = "exemplars.jsonl"
-SCORES_FILE = "scores.npy"
-MANIFEST_FILE = "manifest.json"
+from semroute.manifest import IndexManifest
+from semroute.types import ExemplarKind, RouteTable
 
 
 @dataclass(frozen=True)
@@ -131,32 +130,32 @@ def prepare_learning(
     it was measured, the serving index's estimate elsewhere. Blank cells make the new rows
     drown the fully scored exemplars' evidence on the other targets
     (``scripts/simulate_feedback.py`` measures both)."""
-    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
-    kind = str(manifest["kind"])
-    table = manifest.get("route_table") or {}
+    manifest = read_manifest(version_dir)
+    kind = manifest.kind.value
+    table = manifest.route_table
     train, held, no_text = collect(pairs, holdout)
     work_dir.mkdir(parents=True, exist_ok=True)
     out = LearnInput(work_dir / "exemplars.csv", None, kind, [], held, no_text)
     with (version_dir / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
-    if kind == "outcomes":
+    if manifest.kind is ExemplarKind.OUTCOMES:
         out.train = _write_outcomes(version_dir, manifest, rows, train, out, predict)
     else:
         out.train = _write_labelled(rows, train, min_score, out)
     if out.train:
         out.first_ts = min(r.ts for r in out.train)
         out.last_ts = max(r.ts for r in out.train)
-    if table.get("routes") and kind != "outcomes":
+    if table.routes and manifest.kind is not ExemplarKind.OUTCOMES:
         out.routes_yaml = work_dir / "routes.yaml"
         out.routes_yaml.write_text(yaml.safe_dump(_routes_yaml(table), sort_keys=False))
     return out
 
 
 def _write_outcomes(
-    version_dir: Path, manifest: dict[str, Any], rows: list[dict[str, Any]],
+    version_dir: Path, manifest: IndexManifest, rows: list[dict[str, Any]],
     train: list[LearnedRow], out: LearnInput, predict: Predict | None,
 ) -> list[LearnedRow]:
-    targets = [str(t) for t in manifest["score_targets"]]
+    targets = list(manifest.score_targets)
     scores = np.load(version_dir / SCORES_FILE, allow_pickle=False)
     if scores.shape != (len(rows), len(targets)):
         raise ConfigError(f"{version_dir}: scores do not match the exemplars; rebuild the index")
@@ -200,21 +199,21 @@ def _cell(value: float) -> str:
     return "" if value is None or not math.isfinite(float(value)) else f"{float(value):.6g}"
 
 
-def _routes_yaml(table: dict[str, Any]) -> dict[str, Any]:
+def _routes_yaml(table: RouteTable) -> dict[str, Any]:
     """The serving index's route table in routes.yaml form (version 1)."""
     doc: dict[str, Any] = {"version": 1}
-    if table.get("default_route"):
-        doc["default"] = table["default_route"]
-    if table.get("threshold") is not None:
-        doc["threshold"] = table["threshold"]
+    if table.default_route:
+        doc["default"] = table.default_route
+    if table.threshold is not None:
+        doc["threshold"] = table.threshold
     doc["targets"] = {
-        name: {k: v for k, v in spec.items() if k in ("input_cost", "output_cost", "local")}
-        for name, spec in table.get("targets", {}).items()
+        name: {"input_cost": t.input_cost, "output_cost": t.output_cost, "local": t.local}
+        for name, t in table.targets.items()
     }
     doc["routes"] = {
-        name: {"targets": list(spec["targets"]),
-               **({"threshold": spec["threshold"]} if spec.get("threshold") is not None else {})}
-        for name, spec in table["routes"].items()
+        name: {"targets": list(route.targets),
+               **({"threshold": route.threshold} if route.threshold is not None else {})}
+        for name, route in table.routes.items()
     }
     return doc
 

@@ -10,22 +10,19 @@ dies with its parent (PR_SET_PDEATHSIG), so a killed test run leaves nothing beh
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from semroute.errors import StackError
-
-_PR_SET_PDEATHSIG = 1
+from semroute.testing.devstack import die_with_parent, free_port
 
 
 def find_binary(name: str) -> Path | None:
@@ -38,24 +35,6 @@ def find_binary(name: str) -> Path | None:
         if (folder / name).exists():
             return folder / name
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _as_user(uid: int | None, gid: int | None) -> Callable[[], None]:
-    def prepare() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if gid is not None:
-            os.setgid(gid)
-        if uid is not None:
-            os.setuid(uid)
-
-    return prepare
 
 
 @dataclass
@@ -96,20 +75,20 @@ def start_postgres(timeout: float = 30.0) -> PostgresServer:
     data = directory / "data"
     if uid is not None:
         os.chown(directory, uid, gid or -1)
-    prepare = _as_user(uid, gid)
     init = subprocess.run(
         [str(initdb), "-D", str(data), "-A", "trust", "-U", user, "--no-sync", "-E", "UTF8"],
-        capture_output=True, preexec_fn=prepare, timeout=120, check=False,
+        capture_output=True, timeout=120, check=False, user=uid, group=gid,
     )
     if init.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
         raise StackError(f"initdb failed: {init.stderr.decode(errors='replace')[-500:]}")
-    port = _free_port()
+    port = free_port()
     log_file = (directory / "postgres.log").open("wb")
     process = subprocess.Popen(
         [str(postgres), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
          "-k", str(directory), "-c", "fsync=off", "-c", "full_page_writes=off"],
-        stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=prepare,
+        stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+        user=uid, group=gid,
     )
     log_file.close()
     server = PostgresServer(f"postgresql://{user}@127.0.0.1:{port}/postgres", port, process,

@@ -25,10 +25,7 @@ def test_learn_builds_a_candidate_from_feedback(tmp_path: Path, encoder_dir: Pat
     summary says where the candidate is and how both versions replay on held-out feedback."""
     csv_in = write(tmp_path / "o.csv", SERVING)
     run_cli("index", "build", "--exemplars", str(csv_in), "--encoder", str(encoder_dir),
-            "--out", str(tmp_path / "serving"), "--no-tune", check=False)
-    if not (tmp_path / "serving" / "current").exists():  # before self-tuning builds existed
-        run_cli("index", "build", "--exemplars", str(csv_in), "--encoder", str(encoder_dir),
-                "--out", str(tmp_path / "serving"))
+            "--out", str(tmp_path / "serving"), "--no-tune")
     db = tmp_path / "log.db"
     log = DecisionLog(open_store(f"sqlite:{db}"))
     now = time.time()
