@@ -115,12 +115,13 @@ def lint_banking77(encoder: Any) -> dict[str, Any]:
             "errors": sum(f.severity == "error" for f in [*report.findings, *dups])}
 
 
-def banking77(encoder: Any) -> dict[str, Report]:
-    """Default build (tuned) and `--no-tune` build of the Banking77 train split."""
+def banking77(encoder: Any, tag: str = "") -> dict[str, Report]:
+    """Default build (tuned) and `--no-tune` build of the Banking77 train split (under
+    out/eval/banking77{tag})."""
     data = DATA / "banking77"
     results: dict[str, Report] = {}
     for name, tune in (("banking77-untuned", False), ("banking77", True)):
-        out = fresh(OUT / name)
+        out = fresh(OUT / f"{name}{tag}")
         log(f"{name}: building index (tune={tune})")
         started = time.perf_counter()
         build_index([data / "train.csv"], out / "index", encoder, progress=False, tune=tune)
@@ -216,10 +217,11 @@ def proxy_split() -> tuple[Path, Path, Path, list[str]]:
     return folder / "exemplars.csv", folder / "val.csv", folder / "test.csv", held
 
 
-def abstention_proxy(encoder: Any) -> dict[str, Any]:
+def abstention_proxy(encoder: Any, tag: str = "", plot: bool = True) -> dict[str, Any]:
     """Default build on the proxy exemplars, `calibrate --in-scope-coverage 0.95` on validation,
     `eval labels` on test; plus the evidence for the score (AUROC of each neighbour feature and
-    of the combined score, on the proxy test set and on the build's leave-routes-out folds)."""
+    of the combined score, on the proxy test set and on the build's leave-routes-out folds).
+    Works under out/eval/proxy{tag}; ``plot`` writes docs/img/proxy-abstention.png."""
     from semroute.abstain import DENSITY_K, FEATURES, auroc
     from semroute.quality.calibrate import calibrate_router
     from semroute.quality.metrics import abstention_curve
@@ -227,7 +229,7 @@ def abstention_proxy(encoder: Any) -> dict[str, Any]:
     from semroute.tune.labelled import features_batch, vote
 
     exemplars, val, test, held = proxy_split()
-    out = fresh(OUT / "proxy")
+    out = fresh(OUT / f"proxy{tag}")
     log("proxy: default build, calibrate --in-scope-coverage 0.95, eval labels")
     build_index([exemplars], out / "index", encoder, progress=False)
     cal, _ = calibrate_router(make_router(encoder, out / "index"), val,
@@ -256,9 +258,10 @@ def abstention_proxy(encoder: Any) -> dict[str, Any]:
         "top-1 similarity": abstention_curve(table["top1"], oos),
         "vote share": abstention_curve(table["share"], oos),
     }
-    IMG.mkdir(parents=True, exist_ok=True)
-    abstention_plot(curves, IMG / "proxy-abstention.png",
-                    title="Banking77 proxy: 57 intents in scope, 20 held out")
+    if plot:
+        IMG.mkdir(parents=True, exist_ok=True)
+        abstention_plot(curves, IMG / "proxy-abstention.png",
+                        title="Banking77 proxy: 57 intents in scope, 20 held out")
     at = {name: _recall_at(c, PROXY_COVERAGE) for name, c in curves.items()}
     log(f"proxy: in-scope accuracy {report.data['in_scope_accuracy']}, oos recall "
         f"{report.data.get('oos_recall')}, AUROC {report.data.get('oos_auroc')}")

@@ -120,25 +120,37 @@ def get_logger(name: str) -> Any:
 
 
 ProgressCallback = Callable[[int, int], None]
+LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal
 
 
 def stderr_progress(label: str, *, stream: TextIO | None = None) -> ProgressCallback:
     """A progress callback for long work (``callback(done, total)``): a live line with the rate
-    and the time left on a terminal, one summary line at the end otherwise. For commands that
-    opted in (``--progress``); library code takes the callback, it never prints."""
+    and the time left on a terminal; elsewhere (a log file, CI) one line every ``LOG_EVERY_S``
+    seconds and one at the end. For commands that opted in (``--progress``); library code takes
+    the callback, it never prints."""
     out = stream or sys.stderr
-    started = time.perf_counter()
     live = out.isatty()
+    # The rate is measured from the first report, so set-up before the work (loading a model)
+    # does not skew the time left.
+    first: list[tuple[float, int]] = []
+    last = [0.0]
 
     def report(done: int, total: int) -> None:
         finished = done >= total
-        if not (live or finished):
+        now = time.perf_counter()
+        if not first:
+            first.append((now, 0 if done <= 1 else done))
+            last[0] = now
+        if not (live or finished or now - last[0] >= LOG_EVERY_S):
             return
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        rate = done / elapsed
+        last[0] = now
+        started, done0 = first[0]
+        elapsed = max(now - started, 1e-9)
+        rate = (done - done0) / elapsed if done > done0 else done / elapsed
         left = (total - done) / rate if rate > 0 else 0.0
         eta = "" if finished else f", {left:.0f} s left"
-        end = "\n" if finished else "\r"
-        print(f"{label} {done}/{total} ({rate:.0f}/s{eta})", end=end, file=out, flush=True)
+        end = "\n" if finished or not live else "\r"
+        shown = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+        print(f"{label} {done}/{total} ({shown}/s{eta})", end=end, file=out, flush=True)
 
     return report
