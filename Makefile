@@ -18,17 +18,33 @@ ENCODER := $(MODEL_DIR)/manifest.json
 FP32 := $(FP32_DIR)/manifest.json
 INDEX := $(INDEX_DIR)/current/manifest.json
 
-.PHONY: setup proto demo serve test test-unit lint bench eval clean
+.PHONY: setup proto demo serve cluster test test-unit lint bench eval clean
 
 SERVERS := $(VENV)/.stamp-servers
 
 setup: $(DEPS) $(LLM) $(NODE) $(SERVERS) $(FP32) $(ENCODER) $(INDEX)
 
-# Real servers the tests start on free loopback ports: PostgreSQL for the shared decision log.
-# Debian packages, installed only when missing (apt-get update once, first).
-$(SERVERS):
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+# Real servers the tests start on free loopback ports: PostgreSQL for the shared decision log,
+# Redis for the dispatchers' shared cache and budgets; and headless Chromium for the dashboard's
+# page test.
+# Debian packages, installed only when missing (one apt-get update, first); rechecked when this
+# Makefile changes (a list that grew installs what is new). `make cluster` and
+# tests/e2e/test_cluster.py: nginx (the L7 gRPC load balancer), Prometheus and its nginx and Redis
+# exporters (/usr/sbin is searched too: nginx lives there).
+$(SERVERS): Makefile
+	@missing=""; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null \
+		|| missing="$$missing chromium-headless-shell"; \
+	PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || missing="$$missing nginx"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-nginx-exporter >/dev/null || missing="$$missing prometheus-nginx-exporter"; \
+	command -v prometheus-redis-exporter >/dev/null || missing="$$missing prometheus-redis-exporter"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 	@mkdir -p $(VENV) && touch $@
 
@@ -36,7 +52,7 @@ $(SERVERS):
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,eval,dev,postgres]'
+	$(BIN)/pip install -q -e '.[export,eval,dev,postgres,redis,s3]'
 	touch $@
 
 # The local LLM for the demo and e2e tests. GGML_NATIVE=OFF: the native build crashes on AMX CPUs.
@@ -69,6 +85,10 @@ demo: setup
 serve: setup
 	$(BIN)/python scripts/serve_stack.py
 
+# Router replicas + dispatchers behind nginx, Redis, Prometheus (docs/SCALE.md). ARGS=--routers 5
+cluster: setup
+	$(BIN)/python scripts/cluster.py $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -85,6 +105,8 @@ bench: setup
 	$(BIN)/python scripts/bench_grpc.py
 	$(BIN)/python scripts/bench_dispatch.py
 	$(BIN)/python scripts/bench_http_door.py
+	$(BIN)/python scripts/bench_cache.py
+	$(BIN)/python scripts/measure_semantic_cache.py
 
 eval: setup
 	$(BIN)/python scripts/evaluate.py

@@ -1,6 +1,7 @@
 """Benchmark the router gRPC service: latency at one client, throughput at 64 concurrent clients.
 
     .venv/bin/python scripts/bench_grpc.py            # prints a table, updates docs/BENCHMARKS.md
+    .venv/bin/python scripts/bench_grpc.py --processes 1,2 --channels 16   # + a 2-process column
     .venv/bin/python scripts/bench_grpc.py --starvation   # only: single-call latency while two
                                                           # clients send big RouteBatch calls
 
@@ -12,8 +13,10 @@ Setup, so the figures can be reproduced and compared:
 - server: `semroute serve router` in its own process with default settings except the
   embedding cache, which is turned off so that every call pays for a real encoder run;
   logs at INFO (one access line and one decision line per call) go to out/bench_grpc/router.log;
-- clients: grpc.aio in this process, one channel per client. Latency is measured at the
-  client, end to end. The client shares the machine's cores with the server.
+- clients: grpc.aio in this process, `--channels` connections shared by the load clients.
+  Latency is measured at the client, end to end; in-process `route()` is measured in the same
+  run, alternating with the 1-client gRPC calls. The client shares the machine's cores with
+  the server.
 
 Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
 """
@@ -82,7 +85,7 @@ def free_port() -> int:
 
 def start_server(
     index: Path, encoder_dir: Path, port: int, metrics_port: int, log_path: Path,
-    overrides: dict[str, str],
+    overrides: dict[str, str], processes: int = 1,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -95,7 +98,8 @@ def start_server(
         return subprocess.Popen(
             [str(semroute), "serve", "router", "--index", str(index), "--host", "127.0.0.1",
              "--port", str(port), "--metrics-port", str(metrics_port),
-             "--encoder", str(encoder_dir)],
+             "--encoder", str(encoder_dir),
+             *(["--processes", str(processes)] if processes != 1 else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
 
@@ -126,6 +130,68 @@ def cpu_seconds(pid: int | None = None) -> float:
         return t.user + t.system
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in KiB. PSS splits shared pages (the memory-mapped index, the
+    shared libraries) among the processes mapping them, so the PSS of N workers adds up."""
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (the router's worker processes)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with_children = task / "children"
+        if with_children.exists():
+            found.extend(int(c) for c in with_children.read_text().split())
+    return found
+
+
+async def paired_latencies(
+    addrs: list[str], index: Path, encoder_dir: Path, texts: list[str], block: int = 25,
+    threads: int = 2,
+) -> tuple[list[float], list[list[float]]]:
+    """``Router.route()`` in this process (no gRPC) and a 1-client Route call to each server in
+    ``addrs``, on the same queries, in alternating blocks of ``block`` calls, so all see the
+    same load from whatever else shares the machine. In process: the same index, encoder and
+    settings as the server (embedding cache off); the servers are idle meanwhile, and the
+    client's loop is blocked."""
+    from semroute.config import EncoderSettings, Settings
+    from semroute.grpc.router_client import RouterClient
+    from semroute.router import Router
+
+    settings = Settings(encoder=EncoderSettings(cache_size=0, threads=threads))
+    router = Router.load(index, settings, encoder_path=encoder_dir)
+    for text in texts[-200:]:  # warm-up (not measured)
+        router.route(text)
+    local: list[float] = []
+    remote: list[list[float]] = [[] for _ in addrs]
+    clients = [RouterClient(addr, timeout=30) for addr in addrs]
+    try:
+        for client in clients:
+            for text in texts[-200:]:
+                await client.route(text)
+        for first in range(0, len(texts), block):
+            part = texts[first:first + block]
+            for text in part:
+                start = time.perf_counter()
+                router.route(text)
+                local.append(time.perf_counter() - start)
+            for client, out in zip(clients, remote, strict=True):
+                for text in part:
+                    start = time.perf_counter()
+                    await client.route(text)
+                    out.append(time.perf_counter() - start)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    return local, remote
 
 
 def pct(values: list[float], q: float) -> float:
@@ -160,8 +226,10 @@ async def empty_calls(addr: str, n: int) -> list[float]:
 
 
 async def concurrent_clients(
-    addr: str, texts: list[str], clients: int, seconds: float
+    addr: str, texts: list[str], clients: int, seconds: float, channels: int
 ) -> tuple[int, float, list[float], int]:
+    """``clients`` concurrent callers sharing ``channels`` channels (each channel is one HTTP/2
+    connection, so one server process: with several processes, clients need several)."""
     from semroute.grpc.router_client import RouterClient
 
     stop_at = time.perf_counter() + seconds
@@ -180,10 +248,10 @@ async def concurrent_clients(
                 errors += 1
             i += clients
 
-    pool = [RouterClient(addr, timeout=30) for _ in range(clients)]
+    pool = [RouterClient(addr, timeout=30) for _ in range(min(channels, clients))]
     try:
         start = time.perf_counter()
-        await asyncio.gather(*(one(w, c) for w, c in enumerate(pool)))
+        await asyncio.gather(*(one(w, pool[w % len(pool)]) for w in range(clients)))
         elapsed = time.perf_counter() - start
     finally:
         await asyncio.gather(*(c.close() for c in pool))
@@ -210,6 +278,7 @@ class Variant:
     encoder_dir: Path
     hnsw: bool = False
     settings: tuple[str, ...] = ()  # SECTION__FIELD=VALUE for the server
+    processes: int = 1
 
 
 def run_variant(
@@ -229,29 +298,56 @@ def run_variant(
         key, _, value = item.partition("=")
         overrides[f"SEMROUTE_{key.upper()}"] = value
     load_before = os.getloadavg()[0]
-    proc = start_server(index, encoder_dir, port, metrics_port, log_path, overrides)
+    proc = start_server(index, encoder_dir, port, metrics_port, log_path, overrides,
+                        variant.processes)
     addr = f"127.0.0.1:{port}"
+    other: subprocess.Popen[bytes] | None = None
+    other_addr: list[str] = []
+    if args.compare_tree is not None and variant.processes == 1:
+        # The same server from another source tree (e.g. the previous commit), measured in the
+        # same alternating blocks: a before/after under identical load.
+        other_port = free_port()
+        other = start_server(index, encoder_dir, other_port, free_port(),
+                             OUT / "router-compare.log",
+                             {**overrides, "PYTHONPATH": str(args.compare_tree)})
+        other_addr = [f"127.0.0.1:{other_port}"]
     try:
         asyncio.run(wait_serving(addr, proc, log_path))
-        asyncio.run(single_client(addr, queries[-200:]))  # warm-up (not measured)
-        cpu0 = (cpu_seconds(proc.pid), cpu_seconds())
-        single = asyncio.run(single_client(addr, queries[: args.single]))
-        cpu1 = (cpu_seconds(proc.pid), cpu_seconds())
+        if other is not None:
+            asyncio.run(wait_serving(other_addr[0], other, OUT / "router-compare.log"))
+        server_pids = [proc.pid, *children(proc.pid)]
+        local, (single, *compared) = asyncio.run(
+            paired_latencies([addr, *other_addr], index, encoder_dir, queries[: args.single],
+                             # as many encoder threads as each server process has
+                             threads=2 if variant.processes == 1
+                             else max(1, (os.cpu_count() or 1) // variant.processes))
+        )
+        if other is not None:
+            other.send_signal(signal.SIGTERM)
+            other.wait(30)
+        cpu0 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
+        asyncio.run(single_client(addr, queries[: args.single // 2]))
+        cpu1 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
         floor = asyncio.run(empty_calls(addr, 500))
-        cpu_load0 = (cpu_seconds(proc.pid), cpu_seconds())  # the empty calls count for neither
+        # the empty calls count for neither
+        cpu_load0 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
         before = scrape(metrics_port)
         done, elapsed, loaded, errors = asyncio.run(
-            concurrent_clients(addr, queries, args.clients, args.seconds)
+            concurrent_clients(addr, queries, args.clients, args.seconds, args.channels)
         )
         after = scrape(metrics_port)
-        cpu2 = (cpu_seconds(proc.pid), cpu_seconds())
+        cpu2 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
+        memory = [memory_kib(p) for p in server_pids]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for server in (proc, other):
+            if server is None or server.poll() is not None:
+                continue
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     load_after = os.getloadavg()[0]
 
     def delta(metric: str) -> float:
@@ -261,15 +357,24 @@ def run_variant(
     mean_batch = delta("semroute_router_batch_size_sum") / batches if batches else 0.0
     encode_ms = 1000 * delta("semroute_router_encode_seconds_sum") / batches if batches else 0.0
     ms = 1000.0
-    n1, nn = len(single), max(done, 1)
+    n1, nn = args.single // 2, max(done, 1)
+    local_p50, grpc_p50 = statistics.median(local), statistics.median(single)
+    workers = memory[1:] or memory
     rows = [
-        ("p50 latency, 1 client", f"{pct(single, 0.50) * ms:.2f} ms", "<= 2 ms"),
+        ("in-process route() p50 (same run, no gRPC)", f"{local_p50 * ms:.2f} ms", ""),
+        ("p50 latency, 1 client", f"{grpc_p50 * ms:.2f} ms", "<= 2 ms"),
+        ("1-client gRPC p50 minus in-process p50", f"{(grpc_p50 - local_p50) * ms:+.2f} ms",
+         "<= +0.6 ms"),
+        *([(f"same, 1-process server from {args.compare_tree} (--compare-tree)",
+            f"{(statistics.median(compared[0]) - local_p50) * ms:+.2f} ms "
+            f"(p50 {statistics.median(compared[0]) * ms:.2f} ms)" if compared else "-", "")]
+          if args.compare_tree is not None else []),
         ("p90 latency, 1 client", f"{pct(single, 0.90) * ms:.2f} ms", ""),
         ("p99 latency, 1 client", f"{pct(single, 0.99) * ms:.2f} ms", "<= 6 ms"),
         ("p50 latency of an empty call (GetIndexInfo), 1 client",
          f"{pct(floor, 0.50) * ms:.2f} ms", ""),
-        (f"throughput, {args.clients} clients", f"{done / elapsed:,.0f} routes/s",
-         ">= 1,000 routes/s"),
+        (f"throughput, {args.clients} clients over {min(args.channels, args.clients)} channels",
+         f"{done / elapsed:,.0f} routes/s", ">= 1,000 routes/s"),
         (f"p50 / p99 latency, {args.clients} clients",
          f"{pct(loaded, 0.5) * ms:.1f} / {pct(loaded, 0.99) * ms:.1f} ms", ""),
         ("mean encoder batch under load", f"{mean_batch:.1f} queries in {encode_ms:.1f} ms", ""),
@@ -279,8 +384,15 @@ def run_variant(
         (f"CPU per call, {args.clients} clients: server + client",
          f"{(cpu2[0] - cpu_load0[0]) / nn * ms:.2f} + {(cpu2[1] - cpu_load0[1]) / nn * ms:.2f} ms",
          ""),
+        ("server processes (serving)", str(len(workers)), ""),
+        ("RSS per serving process (PSS)",
+         " / ".join(f"{r / 1024:.0f} ({p / 1024:.0f})" for r, p in workers) + " MiB", ""),
+        ("RSS total, all server processes (PSS)",
+         f"{sum(r for r, _ in memory) / 1024:.0f} ({sum(p for _, p in memory) / 1024:.0f}) MiB",
+         ""),
     ]
-    note = (f"1-client mean {statistics.mean(single) * ms:.2f} ms over {n1} calls; {done} calls "
+    note = (f"1-client mean {statistics.mean(single) * ms:.2f} ms over {len(single)} calls; "
+            f"{done} calls "
             f"in {elapsed:.1f} s under load; load average {load_before:.1f} before, "
             f"{load_after:.1f} after")
     return rows, note
@@ -309,6 +421,17 @@ def main() -> int:
                         "under out/")
     parser.add_argument("--single", type=int, default=1000, help="calls at one client")
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=64,
+                        help="channels (connections) the load clients share [64: one each]")
+    parser.add_argument("--processes", default="1", metavar="N[,N...]",
+                        help="server processes (`serve router --processes`); a list adds a "
+                        "column per count beyond the first [1]")
+    parser.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
+                        help="also run a 1-process server from the semroute package under DIR "
+                        "(PYTHONPATH, e.g. an export of the previous commit) and measure it in "
+                        "the same alternating 1-client blocks")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="measure the default index only (no exact-flat column)")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the load phase")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
@@ -322,12 +445,18 @@ def main() -> int:
     if args.starvation:
         return starvation_main(args)
     queries = read_texts(args.queries)
+    counts = [int(n) for n in args.processes.split(",")]
     variants = [
-        Variant("int8, HNSW32 (defaults)", ENCODER_DIR, hnsw=True),
-        Variant("int8, exact flat", ENCODER_DIR),
+        Variant("int8, HNSW32 (defaults)" + (f", {counts[0]} processes" if counts[0] > 1 else ""),
+                ENCODER_DIR, hnsw=True, processes=counts[0]),
     ]
+    if not args.defaults_only:
+        variants.append(Variant("int8, exact flat", ENCODER_DIR))
+    variants += [Variant(f"int8, HNSW32, {n} processes", ENCODER_DIR, hnsw=True, processes=n)
+                 for n in counts[1:]]
     if args.fp32:
         variants.append(Variant("fp32, HNSW32", FP32_ENCODER_DIR, hnsw=True))
+    load_at_start = os.getloadavg()[0]
     ceiling = encoder_ceiling(queries[:1000])
     print(f"encoder alone, in-process, both cores: {ceiling:,.0f} texts/s")
     results = []
@@ -354,6 +483,11 @@ def main() -> int:
         )
         notes = "\n".join(f"- {label}: {note}." for label, _, note in results)
         overrides = f"Setting overrides: {', '.join(args.set)}.\n" if args.set else ""
+        cores = os.cpu_count() or 1
+        busy = (f"\n**This run shared the machine** (load average {load_at_start:.1f} on {cores} "
+                "cores at the start): every figure is inflated by waiting for a core, and "
+                "differences of a millisecond or so between columns, or between in-process "
+                "and gRPC, are within the noise." if load_at_start > cores else "")
         command = " ".join(["scripts/bench_grpc.py", *sys.argv[1:]])
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         body = f"""## Router gRPC service (`scripts/bench_grpc.py`)
@@ -362,15 +496,20 @@ Command: `.venv/bin/python {command}`, {when}.
 Index: Banking77 train, 10,003 rows (9,999 after exact duplicates are dropped), 77 routes;
 HNSW32 (efSearch 64, the default above 5,000 exemplars) or exact flat, as each column says.
 Queries: Banking77 test, short customer questions, distinct. Server:
-`semroute serve router` in its own process, default settings (batch_max 32, batch_wait_ms 1,
-2 worker threads, encoder 2 threads) except the embedding cache, turned off so every call runs
-the encoder; INFO logs to a file. Clients: grpc.aio in one process, one channel each, latency
-measured end to end at the client: {args.single} calls at one client, then
-{args.seconds:.0f} s of {args.clients} clients. CPU per call is process CPU time (user + system)
-divided by calls. The encoder is the default int8 export (each text run alone: on both cores
-when it is the only one, else on one core); `--fp32` adds a column with the fp32 reference
-export and an index built with it. The empty call (GetIndexInfo: no encoder, no search) shows
-what gRPC in Python costs per call on this machine, client and server together.
+`semroute serve router` in its own process(es), default settings (batch_max 32, batch_wait_ms 1,
+2 worker threads, encoder 2 threads; with `--processes N`, N processes on one port, each with
+cores/N encoder threads, the index memory-mapped) except the embedding cache, turned off so
+every call runs the encoder; INFO logs to a file. Clients: grpc.aio in one process. In-process
+`route()` and 1-client gRPC are measured in the same run on the same {args.single} queries, in
+alternating blocks of 25 (the server idle while this process routes; in process with as many
+encoder threads as one server process), so both see the same load from the rest of the machine;
+their difference is what the service adds to a decision. Then
+{args.seconds:.0f} s of {args.clients} clients sharing {min(args.channels, args.clients)}
+channels, each channel its own connection (a multi-process router spreads connections, not
+calls, over its processes). CPU per call is process CPU time (user + system, all server
+processes) divided by calls. RSS counts shared pages (the mapped index, libraries) in every
+process; PSS shares them out, so PSS adds up. The empty call (GetIndexInfo: no encoder, no
+search) shows what gRPC in Python costs per call on this machine, client and server together.
 {overrides}
 {md}
 
@@ -381,8 +520,20 @@ bounds the throughput of any client count while every call runs the encoder.
 {notes}
 
 Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.
-The 1-minute load average includes this script's own earlier columns; one well above that
-before the first column means other work shared the cores.
+The 1-minute load average includes this script's own earlier columns; one well above 2 before
+the first column means other work shared the cores.{busy}
+
+Reference, measured elsewhere (issue 15, before the lean request path: a 16-core Xeon, int8
+encoder, Banking77 index, cache off, the load generator on other cores; not rerun here):
+
+| server | routes/s at 64 clients | 1-client p50 |
+|---|---|---|
+| 1 process, 2 cores (defaults) | 629 | 3.68 ms |
+| 1 process, 4 cores, 4 workers x 1 encoder thread | 1,029 | 3.70 ms |
+| 1 process, 8 cores, 8 workers x 1 encoder thread | 1,181 - 1,290 | 3.6-4.2 ms |
+| 4 processes x 2 cores, same port (SO_REUSEPORT), 16 client channels | 1,723 - 2,066 | 3.3-3.6 ms |
+| 8 processes x 1 core, same port, 16 client channels | 2,550 | 3.56 ms |
+
 Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
 """
         benchlib.write_section("grpc", body)

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             index=args.index,
             encoder=args.encoder,
             backends_template=args.backends,
+            dispatcher_args=("--config", str(REPO / "deploy" / "stack.yaml")),
             allow_cloud=args.allow_cloud,
             progress=lambda msg: print(f"demo: {msg}", flush=True),
         ) as stack:

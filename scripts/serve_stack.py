@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             index=args.index,
             encoder=args.encoder,
             backends_template=args.backends,
+            dispatcher_args=("--config", str(REPO / "deploy" / "stack.yaml")),
             ports=ports,
             allow_cloud=args.allow_cloud,
             n_threads=args.threads,

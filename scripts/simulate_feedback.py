@@ -10,8 +10,10 @@
    ``--explore E`` a share E of queries is served by a uniformly drawn target instead, recorded
    as explored (how targets that are never chosen still get feedback).
 3. ``learn``: the logged feedback joins the serving exemplars (one known score per row) in a
-   candidate index; the candidate is shadowed on held traffic (agreement with the serving
-   decisions) and promoted (the serving root's ``current`` switched to it).
+   candidate index; the candidate is shadowed on the next traffic (agreement with the serving
+   decisions, counted per route as the router's shadow mode does, ``semroute.loop.arms``) and
+   promoted (``semroute.loop.promote``: the serving root's ``current`` switched to it and the
+   promotion recorded in its ``promotions.jsonl``).
 4. Before, after and full are evaluated on LLMRouter's test split: AIQ (area under the
    cost-quality hull, as RouterBench) and the maximum quality.
 
@@ -41,8 +43,10 @@ from semroute.config import Settings  # noqa: E402
 from semroute.encoder import OnnxEncoder  # noqa: E402
 from semroute.exemplars import read_targets_csv  # noqa: E402
 from semroute.index import build_index, switch_current  # noqa: E402
+from semroute.loop.arms import Agreement  # noqa: E402
 from semroute.loop.decision_log import DecisionLog  # noqa: E402
 from semroute.loop.learn import prepare_learning  # noqa: E402
+from semroute.loop.promote import promote  # noqa: E402
 from semroute.loop.records import DecisionRecord, Feedback, query_fields  # noqa: E402
 from semroute.loop.store import open_store  # noqa: E402
 from semroute.quality.evaluate import evaluate_outcomes  # noqa: E402
@@ -151,13 +155,15 @@ def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncod
         # shadow: the candidate decides the next round's traffic next to the serving index
         upcoming = texts[bounds[r + 1]: bounds[r + 1] + 500] or texts[:500]
         candidate = Router.load(candidate_version, settings)
-        same = sum(
-            a.target == b.target
-            for a, b in zip(serving.route_batch([Query(t) for t in upcoming]),
-                            candidate.route_batch([Query(t) for t in upcoming]), strict=True)
-        )
-        agreement.append(round(same / len(upcoming), 4))
-        switch_current(serving_root, candidate_version)  # promote
+        shadow = Agreement()
+        for by_serving, by_candidate in zip(serving.route_batch([Query(t) for t in upcoming]),
+                                            candidate.route_batch([Query(t) for t in upcoming]),
+                                            strict=True):
+            shadow.record(by_serving, by_candidate)
+        agreement.append(round(shadow.overall.rate, 4))
+        promote(serving_root, str(candidate_version), by="simulate_feedback",
+                reason=f"round {r}: learned from {len(learnt.train)} feedback rows; shadow "
+                f"agreement {shadow.overall.rate:.3f}")
     log.close()
     promoted = Router.load(serving_root, settings)
     after = _evaluate(promoted, args.data / "test.csv", read_targets_csv(args.data / "models.csv"),

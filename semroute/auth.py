@@ -3,12 +3,18 @@
 Tokens are kept as sha256 digests and compared in constant time against every configured token,
 so timing leaks neither which token matched nor its length. ``parse_bearer`` is the one parser
 of an ``authorization: Bearer <token>`` value.
+
+Tenants: a line of a token file is ``TOKEN`` or ``NAME TOKEN``; the name is the tenant the
+dispatcher's budgets, rate limits, cost counters and cache scope use. A token without a name
+is its own tenant, ``token-`` plus the first 8 hex digits of its sha256 (stable, and it
+reveals nothing usable). Tokens given in the environment have no names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,27 +40,44 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def anonymous_tenant(digest: bytes) -> str:
+    """The tenant name of a token listed without one."""
+    return f"token-{digest.hex()[:8]}"
+
+
 @dataclass(frozen=True)
 class TokenSet:
-    """Bearer tokens (sha256 digests only) for users and admins. Admins may call everything."""
+    """Bearer tokens (sha256 digests only) for users and admins. Admins may call everything.
+    ``names`` maps digests to tenant names (tokens without one are absent)."""
 
     user: tuple[bytes, ...] = ()
     admin: tuple[bytes, ...] = ()
+    names: tuple[tuple[bytes, str], ...] = ()
 
     @classmethod
-    def of(cls, user: Iterable[str] = (), admin: Iterable[str] = ()) -> TokenSet:
-        return cls(tuple(_digest(t) for t in user if t), tuple(_digest(t) for t in admin if t))
+    def of(
+        cls, user: Iterable[str] = (), admin: Iterable[str] = (),
+        names: dict[str, str] | None = None,
+    ) -> TokenSet:
+        """``names``: token -> tenant name, for the tokens that have one."""
+        named = tuple((_digest(t), n) for t, n in (names or {}).items())
+        return cls(
+            tuple(_digest(t) for t in user if t), tuple(_digest(t) for t in admin if t), named
+        )
 
     @classmethod
     def from_settings(cls, auth: AuthSettings) -> TokenSet:
         """Tokens from ``auth.tokens`` / ``auth.admin_tokens`` plus their files (one per line,
         ``#`` comments and blank lines ignored). Raises ConfigError naming an unreadable file."""
-        user = [*auth.tokens, *_read_tokens(auth.tokens_file, "auth.tokens_file")]
-        admin = [
-            *auth.admin_tokens,
-            *_read_tokens(auth.admin_tokens_file, "auth.admin_tokens_file"),
-        ]
-        return cls.of(user, admin)
+        user_lines = _read_named(auth.tokens_file, "auth.tokens_file")
+        admin_lines = _read_named(auth.admin_tokens_file, "auth.admin_tokens_file")
+        names = {t: n for n, t in (*user_lines, *admin_lines) if n is not None}
+        user = [*auth.tokens, *(t for _, t in user_lines)]
+        admin = [*auth.admin_tokens, *(t for _, t in admin_lines)]
+        return cls.of(user, admin, names)
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +97,22 @@ class TokenSet:
             return "admin"
         return "user" if is_user else None
 
+    def tenant(self, token: str) -> str | None:
+        """The tenant ``token`` belongs to (its name in the token file, else ``token-<8 hex>``),
+        or None for an unknown token. Compares against every named token."""
+        if self.role(token) is None:
+            return None
+        candidate = _digest(token)
+        found: str | None = None
+        for known, name in self.names:
+            if hmac.compare_digest(candidate, known):
+                found = name
+        return found if found is not None else anonymous_tenant(candidate)
+
+    def tenant_names(self) -> set[str]:
+        """Every tenant name the token files define."""
+        return {name for _, name in self.names}
+
 
 def read_tokens_file(path: Path, field: str) -> list[str]:
     """The tokens in ``path`` (one per line; blank lines and ``#`` comments skipped). Raises
@@ -82,13 +121,31 @@ def read_tokens_file(path: Path, field: str) -> list[str]:
 
 
 def _read_tokens(path: Path | None, field: str) -> list[str]:
+    return [token for _, token in _read_named(path, field)]
+
+
+def _read_named(path: Path | None, field: str) -> list[tuple[str | None, str]]:
+    """(name or None, token) per line: ``TOKEN`` or ``NAME TOKEN``."""
     if path is None:
         return []
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"{field}: cannot read {path}: {exc.strerror}") from exc
-    tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not tokens:
+    found: list[tuple[str | None, str]] = []
+    for number, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) == 1:
+            found.append((None, parts[0]))
+        elif len(parts) == 2 and TENANT_NAME.fullmatch(parts[0]):
+            found.append((parts[0], parts[1]))
+        else:
+            raise ConfigError(
+                f"{field}: {path}:{number}: expected `TOKEN` or `NAME TOKEN` (NAME: letters, "
+                "digits, '_', '.', '-', at most 64)"
+            )
+    if not found:
         raise ConfigError(f"{field}: {path} holds no token (one per line)")
-    return tokens
+    return found

@@ -156,8 +156,30 @@ class RouterServerSettings(BaseModel):
     batch_max: int = Field(32, ge=1, description="concurrent Route calls coalesced per encoder run")
     batch_wait_ms: float = Field(1.0, ge=0, description="how long a batch waits to fill")
     workers: int = Field(2, ge=1, description="threads running encoder + FAISS")
+    inline_when_idle: bool = Field(
+        True, description="a lone call on an idle server runs on the event loop, skipping the "
+        "hop to a worker thread (semroute.grpc.coalescer)"
+    )
+    processes: int = Field(
+        1, ge=1, description="router processes on one port (SO_REUSEPORT), each with its own "
+        "encoder; the index is memory-mapped and shared"
+    )
     watch_interval_s: float = Field(2.0, ge=0, description="poll of DIR/current; 0 disables")
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+    # A candidate index beside the serving one (semroute.grpc.router_arms; docs/LOOP.md).
+    candidate: Path | None = Field(None, description="candidate index root or version dir")
+    candidate_mode: Literal["off", "shadow", "ab"] = Field(
+        "shadow", description="shadow: decide every query off the response path; ab: serve a share"
+    )
+    candidate_share: float = Field(0.1, ge=0, le=1, description="ab: share of keys served by it")
+    shadow_share: float = Field(
+        1.0, ge=0, le=1, description="share of requests the shadow candidate also decides"
+    )
+    shadow_log_share: float = Field(
+        0.1, ge=0, le=1, description="share of differing shadow decisions written to the log"
+    )
+    shadow_max_pending: int = Field(256, ge=1, description="shadow jobs queued before dropping")
+    drift_window: int = Field(1000, ge=0, description="decisions in the live drift metrics; 0 off")
 
 
 class DispatcherSettings(BaseModel):
@@ -231,6 +253,81 @@ class LogSettings(BaseModel):
     log_query_text: bool = Field(False, description="log query text (off: hash + length only)")
 
 
+class CacheSettings(BaseModel):
+    """The dispatcher's response cache (exact tier): identical requests of one tenant get the
+    stored answer replayed instead of a backend call."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not silently ignored
+
+    exact: bool = Field(False, description="cache answers by the normalised request (the "
+                        "stack `make serve` / `make demo` start turns it on)")
+    ttl_s: float = Field(3600.0, gt=0, description="how long an answer is served from cache")
+    max_entries: int = Field(
+        10_000, ge=1, description="in process: entries kept, least recently used evicted "
+        "(with Redis: bound it with Redis's maxmemory + allkeys-lru)"
+    )
+    max_answer_chars: int = Field(
+        100_000, ge=1, description="longer answers are not stored"
+    )
+    sampled: bool = Field(
+        False, description="also cache requests with temperature > 0 (a sampled answer "
+        "replayed is no longer a sample); unset temperature and 0 are cached"
+    )
+    semantic: bool = Field(
+        False, description="semantic tier: a single-turn question close enough to a cached one "
+        "gets its answer; needs the router's query embedding (an in-process router gives it)"
+    )
+    semantic_threshold: float = Field(
+        0.95, ge=0.5, le=1.0, description="cosine similarity a semantic hit needs (0.95: false "
+        "hits under 1% with 95% confidence on the pairs in docs/CACHE.md)"
+    )
+    semantic_route_thresholds: dict[str, Annotated[float, Field(ge=0.5, le=1.0)]] = Field(
+        default_factory=dict, description="per-route thresholds (route name -> similarity)"
+    )
+
+
+class TenantLimits(BaseModel):
+    """One tenant's limits; None = no limit."""
+
+    model_config = {"extra": "forbid"}
+
+    usd_per_day: float | None = Field(None, gt=0, description="spend per UTC day")
+    usd_per_month: float | None = Field(None, gt=0, description="spend per UTC calendar month")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")
+
+
+class BudgetSettings(BaseModel):
+    """Per-tenant budgets and rate limits (tenants: the names in auth.tokens_file)."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not silently ignored
+
+    default: TenantLimits = Field(
+        default_factory=TenantLimits, description="limits of every tenant not listed in tenants"
+    )
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+    completion_estimate_tokens: int = Field(
+        512, ge=1, description="completion tokens assumed by the pre-call budget check when "
+        "the request sets no max_tokens"
+    )
+
+
+class StateSettings(BaseModel):
+    """Where the cache, budgets and rate-limit counters live."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not silently ignored
+
+    url: str = Field(
+        "", description="'' = in this process; redis://host:port/db = shared by replicas"
+    )
+    timeout_s: float = Field(0.5, gt=0, description="deadline of each Redis call (connect included)")
+    retry_s: float = Field(
+        2.0, ge=0, description="after a Redis failure, serve from the local view this long "
+        "before trying Redis again"
+    )
+    key_prefix: str = Field("semroute", min_length=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SEMROUTE_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
@@ -246,6 +343,9 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = DispatcherSettings()
     loop: LoopSettings = LoopSettings()
     log: LogSettings = LogSettings()
+    cache: CacheSettings = CacheSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    state: StateSettings = StateSettings()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -31,6 +31,9 @@ call's trailers, so a client raises the very class the server raised (``ERROR_CL
     │   └── RoutingUnavailable      the router refused us (our credentials): an operator problem
     ├── Unauthenticated             missing or unknown bearer token
     ├── PermissionDenied            valid token without the needed role
+    ├── TenantLimited               a tenant's own limit refused the call (HTTP 429)
+    │   ├── InsufficientQuota       its USD budget (day/month) is spent
+    │   └── RateLimitExceeded       its requests or tokens per minute
     ├── NoTargetAvailable           the policy leaves no target to route to
     │   └── DispatchFailed          every target failed before the commit point (`attempts`)
     └── BackendError                an LLM backend call failed
@@ -178,6 +181,25 @@ class NoTargetAvailable(SemrouteError):
     pass
 
 
+class TenantLimited(SemrouteError):
+    """A tenant's own budget or rate limit refused the call; nothing was sent to a backend.
+    ``retry_after_s``: seconds until the limit resets (None: unknown)."""
+
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class InsufficientQuota(TenantLimited):
+    """The tenant's USD budget for the day or month is spent (OpenAI's insufficient_quota)."""
+
+
+class RateLimitExceeded(TenantLimited):
+    """The tenant sent more requests or tokens per minute than its limit."""
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One try (or skip) of one target. ``kind`` is the error class name (``Skipped`` when the
@@ -264,6 +286,7 @@ GRPC_STATUS: dict[type[SemrouteError], str] = {
     Unauthenticated: "UNAUTHENTICATED",
     PermissionDenied: "PERMISSION_DENIED",
     NoTargetAvailable: "UNAVAILABLE",
+    TenantLimited: "RESOURCE_EXHAUSTED",
     BackendTimeout: "DEADLINE_EXCEEDED",
     BackendRateLimited: "RESOURCE_EXHAUSTED",
     BackendRejected: "FAILED_PRECONDITION",
@@ -280,6 +303,7 @@ HTTP_STATUS: dict[type[SemrouteError], int] = {
     InvalidRequest: 400,
     Unauthenticated: 401,
     PermissionDenied: 403,
+    TenantLimited: 429,
     BackendRateLimited: 429,
     BackendTimeout: 504,
     NotReady: 503,
@@ -324,6 +348,7 @@ ERROR_CLASSES: dict[str, type[SemrouteError]] = {
         Unauthenticated, PermissionDenied, NoTargetAvailable, DispatchFailed, BackendError,
         BackendUnavailable, BackendRateLimited, ConcurrencyLimited, BackendTimeout,
         BackendProtocolError, BackendRejected, CircuitOpen, StreamInterrupted,
+        TenantLimited, InsufficientQuota, RateLimitExceeded,
     )
 }
 """Every error class by name: what a client reads from the ``semroute-error`` trailer."""

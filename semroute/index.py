@@ -141,9 +141,14 @@ class ExemplarIndex:
         return sims, ids
 
     @classmethod
-    def load(cls, path: Path, expect_fingerprint: str | None = None) -> ExemplarIndex:
+    def load(
+        cls, path: Path, expect_fingerprint: str | None = None, *, mmap: bool = False
+    ) -> ExemplarIndex:
         """Load and check an index: ROOT (follows ROOT/current) or a version directory.
 
+        ``mmap``: map the FAISS vectors read-only from the file instead of copying them, so
+        processes serving the same version share one copy in the page cache (version
+        directories are never rewritten in place, so the mapping stays valid).
         Raises IndexNotFound, CorruptIndex (checksum, format, counts) or FingerprintMismatch,
         each saying what to do.
         """
@@ -160,7 +165,8 @@ class ExemplarIndex:
                 f"encoder (`semroute index build ... --encoder DIR`) or load the encoder it was "
                 f"built with ({manifest.encoder.path or '?'})"
             )
-        faiss_index = faiss.read_index(str(version_dir / FAISS_FILE))
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        faiss_index = faiss.read_index(str(version_dir / FAISS_FILE), flags)
         texts: list[str] = []
         labels: list[str] = []
         weights: list[float] = []

@@ -97,14 +97,17 @@ class Router:
         index_path: Path,
         settings: Settings | None = None,
         encoder_path: Path | None = None,
+        *,
+        mmap: bool = False,
     ) -> Router:
         """Load the encoder and index (``index_path`` = ROOT or a version directory).
 
         The encoder is ``encoder_path``, else the one recorded in the index manifest if it still
-        exists, else ``settings.encoder.path``. A fingerprint mismatch is refused.
+        exists, else ``settings.encoder.path``. A fingerprint mismatch is refused. ``mmap``:
+        the index vectors are mapped from the file (``ExemplarIndex.load``).
         """
         settings = settings or Settings()
-        index = ExemplarIndex.load(index_path)
+        index = ExemplarIndex.load(index_path, mmap=mmap)
         if encoder_path is None:
             recorded = index.manifest.encoder.path
             encoder_path = Path(recorded) if recorded and Path(recorded).exists() else None

@@ -8,14 +8,19 @@ This is the only module where a router client meets the dispatcher: the dispatch
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from semroute.auth import read_tokens_file
+import structlog
+from prometheus_client import CollectorRegistry
+
+from semroute.auth import TokenSet, read_tokens_file
 from semroute.config import Settings
 from semroute.dispatch.backend_config import load_backends
 from semroute.dispatch.breaker import CircuitBreaker
 from semroute.dispatch.dispatcher import Dispatcher
+from semroute.dispatch.ledger import build_ledger
 from semroute.dispatch.metrics import DispatchMetrics
 from semroute.dispatch.pool import BackendPool
 from semroute.dispatch.router_guard import GuardedRouter
@@ -24,15 +29,17 @@ from semroute.dispatch.validate import ChatLimits
 from semroute.errors import ConfigError, SemrouteError
 from semroute.grpc.dispatcher_service import SERVICE_NAME as DISPATCHER_SERVICE
 from semroute.grpc.dispatcher_service import DispatcherServer, build_dispatcher_server
+from semroute.grpc.metrics_merge import MergedCollector
 from semroute.grpc.router_client import RouterClient
 from semroute.grpc.router_service import create_router_server
+from semroute.grpc.router_workers import WorkerLink, WorkerSet
 from semroute.grpc.server import serve_until_signalled, set_serving, wait_for_signal
 from semroute.http.app import HttpDoorHandle, start_http_door
-from semroute.logs import get_logger
+from semroute.logs import configure_logging, get_logger
 from semroute.loop.decision_log import DecisionLog
 from semroute.loop.sink import LogSink
 from semroute.loop.store import open_store
-from semroute.metrics import RouterMetrics, serve_metrics
+from semroute.metrics import MetricsServer, RouterMetrics, serve_metrics
 from semroute.types import RouterLike
 
 log = get_logger(__name__)
@@ -45,45 +52,144 @@ async def serve_router(
     encoder_path: Path | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[int, int | None], None] | None = None,
+    link: WorkerLink | None = None,
 ) -> None:
     """Run a router server until SIGTERM/SIGINT (or ``stop``): start listening (health
     NOT_SERVING), load the index (SERVING), serve, then drain gracefully.
 
+    With ``router_server.processes`` > 1 this process supervises that many worker processes
+    on one port instead (``serve_router_workers``). ``link``: this process is one of them.
     ``on_ready(grpc_port, metrics_port)`` is called once the index is loaded. Raises
     SemrouteError if the first load fails (the server is stopped first).
     """
     srv = settings.router_server
+    if link is None and srv.processes > 1:
+        await serve_router_workers(settings, index_path, encoder_path=encoder_path, stop=stop,
+                                   on_ready=on_ready)
+        return
     metrics = RouterMetrics()
     server, port, handle = await create_router_server(
-        settings, index_path, encoder_path=encoder_path, metrics=metrics
+        settings, index_path, encoder_path=encoder_path, metrics=metrics,
+        port=link.port if link is not None else None, reuse_port=link is not None,
     )
+    if link is not None:
+        handle.on_version, handle.peers = link.version_changed, link
+        stop = stop or asyncio.Event()
     metrics_server = None
+    control: asyncio.Task[None] | None = None  # a worker's link to its supervisor
     try:
-        if srv.metrics_port:
-            try:
-                metrics_server = serve_metrics(metrics.registry, srv.metrics_port, srv.host)
-            except OSError as exc:
-                raise SemrouteError(
-                    f"cannot serve metrics on {srv.host}:{srv.metrics_port}: {exc.strerror} "
-                    "(router_server.metrics_port / --metrics-port; 0 disables)"
-                ) from exc
+        if link is not None and link.metrics:  # private: the supervisor merges the workers'
+            metrics_server = serve_metrics(metrics.registry, 0, "127.0.0.1")
+        elif link is None and srv.metrics_port:
+            metrics_server = _metrics_endpoint(metrics.registry, srv.host, srv.metrics_port)
         await server.start()
         log.info("listening", address=f"{srv.host}:{port}",
                  metrics=metrics_server.port if metrics_server else None)
         try:
             await handle.load()
-        except SemrouteError:
+            if srv.candidate is not None and srv.candidate_mode != "off":
+                try:
+                    await handle.set_candidate(srv.candidate_mode, srv.candidate,
+                                               srv.candidate_share)
+                except SemrouteError as exc:
+                    raise ConfigError(
+                        f"router_server.candidate (--candidate) {srv.candidate}: {exc}"
+                    ) from exc
+        except SemrouteError as exc:
+            if link is not None:
+                await link.failed(f"{type(exc).__name__}: {exc}")
             await server.stop(0)
             raise
         if on_ready is not None:
             on_ready(port, metrics_server.port if metrics_server else None)
+        if link is not None and stop is not None:
+            link.send("ready", version=handle.current().info.version,
+                      metrics_port=metrics_server.port if metrics_server else 0)
+            control = asyncio.create_task(link.serve(handle, stop))
         await serve_until_signalled(
             server, grace_s=srv.grace_s, health_servicer=handle.health, stop=stop
         )
     finally:
+        if control is not None:
+            control.cancel()
         await handle.close()
         if metrics_server is not None:
             metrics_server.close()
+
+
+def _metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    try:
+        return serve_metrics(registry, port, host)
+    except OSError as exc:
+        raise SemrouteError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror} "
+            "(router_server.metrics_port / --metrics-port; 0 disables)"
+        ) from exc
+
+
+async def serve_router_workers(
+    settings: Settings,
+    index_path: Path,
+    *,
+    encoder_path: Path | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[int, int | None], None] | None = None,
+) -> None:
+    """Run ``router_server.processes`` router processes on one port until SIGTERM/SIGINT (or
+    ``stop``), then drain them all (``semroute.grpc.router_workers``). ``on_ready(grpc_port,
+    metrics_port)`` once every worker serves; the metrics port merges all workers. Raises
+    SemrouteError when a worker cannot start (the others are stopped first)."""
+    srv = settings.router_server
+    fleet = WorkerSet(settings, index_path, processes=srv.processes, encoder_path=encoder_path,
+                      command=_worker_command)
+    metrics_server = None
+    try:
+        if srv.metrics_port:
+            registry = CollectorRegistry()
+            registry.register(MergedCollector(fleet.metrics_ports))
+            metrics_server = _metrics_endpoint(registry, srv.host, srv.metrics_port)
+        port = await fleet.start()
+        log.info("listening", address=f"{srv.host}:{port}", processes=srv.processes,
+                 metrics=metrics_server.port if metrics_server else None)
+        if on_ready is not None:
+            on_ready(port, metrics_server.port if metrics_server else None)
+        watch = asyncio.create_task(fleet.watch())
+        try:
+            await wait_for_signal(stop)
+        finally:
+            watch.cancel()
+        log.info("shutting down", grace_s=srv.grace_s, processes=srv.processes)
+    finally:
+        await fleet.stop(srv.grace_s)
+        if metrics_server is not None:
+            metrics_server.close()
+    log.info("stopped")
+
+
+def _worker_command(fd: int) -> list[str]:
+    return [sys.executable, "-c", f"from semroute.serve import run_router_worker; "
+            f"run_router_worker({fd})"]
+
+
+def run_router_worker(fd: int) -> None:
+    """Entry point of one router worker process (``WorkerSet`` starts it with its control
+    socket as file descriptor ``fd``). Exits with status 1 when the index cannot be loaded."""
+    try:
+        asyncio.run(_router_worker(fd))
+    except SemrouteError as exc:
+        print(f"semroute router worker: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+async def _router_worker(fd: int) -> None:
+    link = await WorkerLink.connect(fd)
+    configure_logging(link.settings.log)
+    structlog.contextvars.bind_contextvars(worker=link.worker)
+    try:
+        await serve_router(link.settings, link.index_path, encoder_path=link.encoder_path,
+                           link=link)
+    finally:
+        await link.close()
 
 
 async def build_dispatcher(
@@ -114,6 +220,12 @@ async def build_dispatcher(
             f"dispatcher.fallback_targets names target(s) not in {ds.backends_file}: "
             f"{', '.join(unknown)}"
         )
+    metrics = metrics if metrics is not None else DispatchMetrics()
+    tokens = TokenSet.from_settings(settings.auth)
+    # Cache, budgets, rate limits, cost accounting; Redis when state.url names one.
+    ledger = build_ledger(
+        settings, configs, metrics, tokens.tenant_names() if tokens.enabled else None
+    )
     client = RouterClient(
         ds.router, token=token, tls_ca=ds.router_tls_ca, timeout=ds.router_timeout_s
     )
@@ -126,6 +238,7 @@ async def build_dispatcher(
     return Dispatcher(
         router, pool, ds, rules, metrics=metrics, owns_router=True,
         limits=ChatLimits.from_settings(settings.limits), sink=open_decision_sink(settings),
+        ledger=ledger,
     )
 
 

@@ -219,6 +219,9 @@ class ChatRequest:
     params: GenerationParams = GenerationParams()
     overrides: RoutingOverrides = RoutingOverrides()
     request_id: str = ""
+    # Who pays: the name of the bearer token the door authenticated (never from the body);
+    # "" when auth is off. Scopes the response cache, budgets and rate limits.
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ class DecisionEvent:
     reason: str
     fallback: bool
     chain: tuple[str, ...]  # targets to try, in order
+    cache: str = ""  # "hit", "miss", "bypass"; "" when the response cache is off
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,9 @@ class DoneEvent:
     target: str  # the target that actually answered
     attempts: int
     ttft_s: float
+    cache: str = ""  # as DecisionEvent.cache
+    # What the same tokens would have cost on the route's most expensive target (0: unknown).
+    counterfactual_cost_usd: float = 0.0
 
 
 ChatEvent = DecisionEvent | DeltaEvent | DoneEvent

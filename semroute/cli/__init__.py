@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Modules that contribute commands; each has register(top, groups).
 _COMMAND_MODULES = (
     "semroute.cli.core",  # encoder export, index build, route
+    "semroute.cli.tune_cmds",  # encoder tune
     "semroute.cli.router_cmds",  # serve router
     "semroute.cli.dispatch_cmds",  # serve dispatcher, chat
     "semroute.cli.eval_cmds",  # eval labels/outcomes, calibrate, index lint
@@ -30,7 +31,7 @@ _COMMAND_MODULES = (
 
 # Command groups shared by several modules (e.g. `serve router` and `serve dispatcher`).
 _GROUPS = {
-    "encoder": "export the sentence encoder to ONNX",
+    "encoder": "export or fine-tune the sentence encoder",
     "index": "build and check exemplar indexes",
     "serve": "run a gRPC service",
     "eval": "measure routing quality",

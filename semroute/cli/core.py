@@ -1,10 +1,11 @@
-"""Core commands: `encoder export`, `index build`, `route`."""
+"""Core commands: `encoder export`, `index build`, `index pull`, `route`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--routes", type=Path, default=None, help="routes YAML")
     p.add_argument("--targets", type=Path, default=None, help="target prices CSV (models.csv)")
     p.add_argument("--encoder", type=Path, default=None, help="exported encoder directory")
-    p.add_argument("--out", type=Path, required=True, help="index root (DIR/current is switched)")
+    p.add_argument("--out", required=True,
+                   help="index root (DIR/current is switched), or s3://BUCKET/PREFIX to publish "
+                   "the version there (semroute.index_remote)")
     p.add_argument("--factory", default=None, help="FAISS factory string for large indexes")
     p.add_argument(
         "--projection",
@@ -65,6 +68,19 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_build)
+
+    p = groups["index"].add_parser(
+        "pull", help="mirror the current version of an s3:// index into a local index root",
+        description="Downloads the version s3://BUCKET/PREFIX/current names into DIR/versions/, "
+        "checks every file against the manifest's checksums, then switches DIR/current "
+        "atomically; a router serving DIR (and watching DIR/current) follows. Endpoint and "
+        "credentials: boto3's environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )
+    p.add_argument("url", help="s3://BUCKET/PREFIX")
+    p.add_argument("--to", type=Path, required=True, help="local index root")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="keep polling current every SECONDS and pull new versions (0: once)")
+    p.set_defaults(handler=_pull)
 
     p = top.add_parser("route", help="route queries (argument, or one per line on stdin)")
     p.add_argument("text", nargs="?", default=None)
@@ -98,7 +114,41 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """Pull once; with --watch, poll forever: a failed poll (store unreachable, corrupt
+    version) is reported and retried, and the local root keeps the version it has."""
+    from semroute.errors import SemrouteError
+    from semroute.index_remote import current_version, pull
+
+    last = ""
+    while True:
+        try:
+            if not last or current_version(args.url) != last:
+                last = pull(args.url, args.to).name
+                print(f"{args.to}/current -> {last} (from {args.url})", flush=True)
+        except SemrouteError as exc:
+            if args.watch <= 0:
+                raise
+            print(f"index pull: {exc}", file=sys.stderr, flush=True)
+        if args.watch <= 0:
+            return 0
+        time.sleep(args.watch)
+
+
 def _build(args: argparse.Namespace) -> int:
+    from semroute.index_remote import is_remote, publish
+
+    if not is_remote(args.out):
+        _build_into(args, Path(args.out))
+        return 0
+    # s3://: build in a temporary root, then upload the version and switch the bucket's current.
+    with tempfile.TemporaryDirectory(prefix="semroute-index-") as tmp:
+        version_dir = _build_into(args, Path(tmp))
+        publish(version_dir, args.out)
+    return 0
+
+
+def _build_into(args: argparse.Namespace, out: Path) -> Path:
     from semroute.encoder import OnnxEncoder
     from semroute.index import build_index, read_manifest
 
@@ -113,7 +163,7 @@ def _build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     version_dir = build_index(
         args.exemplars,
-        args.out,
+        out,
         encoder,
         routes_file=args.routes,
         targets_file=args.targets,
@@ -135,7 +185,7 @@ def _build(args: argparse.Namespace) -> int:
     )
     summary = manifest.tuning.get("summary")
     print(summary if summary else "decision settings: not tuned (defaults apply)")
-    return 0
+    return version_dir
 
 
 def _route(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Loop commands: `learn` (a candidate index from logged feedback)."""
+"""Loop commands: `learn` (a candidate index from logged feedback), `index promote` /
+`index rollback` / `index history` (which version serves, with who, when and why), `drift`."""
 
 from __future__ import annotations
 
@@ -30,6 +31,51 @@ def register(top: Any, groups: dict[str, Any]) -> None:
                    help="labelled indexes: learn queries whose answer scored at least this")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=_learn)
+
+    pr = groups["index"].add_parser(
+        "promote", help="make an index version serve (atomic `current` switch, recorded)",
+        description="Checks VERSION in full (same encoder as the version serving), switches "
+        "DIR/current to it and appends who/when/why to DIR/promotions.jsonl. A serving router's "
+        "watch reloads it. VERSION is a name under DIR/versions or a version directory elsewhere "
+        "(copied in first), e.g. a candidate from `semroute learn --out`.",
+    )
+    pr.add_argument("root", type=Path, metavar="DIR", help="index root")
+    pr.add_argument("version", metavar="VERSION", help="version name or version directory")
+    pr.add_argument("--reason", required=True, help="why (recorded)")
+    pr.add_argument("--by", default=None, help="who (recorded) [user@host]")
+    pr.set_defaults(handler=_promote)
+    rb = groups["index"].add_parser(
+        "rollback", help="switch back to the previously promoted index version (recorded)",
+    )
+    rb.add_argument("root", type=Path, metavar="DIR", help="index root")
+    rb.add_argument("--reason", required=True, help="why (recorded)")
+    rb.add_argument("--by", default=None, help="who (recorded) [user@host]")
+    rb.set_defaults(handler=_rollback)
+    hi = groups["index"].add_parser("history", help="promotions and rollbacks of an index root")
+    hi.add_argument("root", type=Path, metavar="DIR", help="index root")
+    hi.set_defaults(handler=_history)
+
+    d = top.add_parser(
+        "drift", help="report how traffic drifts from the index (decision log -> JSON, MD, PNG)",
+        description="Fallback share, route mix against the exemplars' mix (Jensen-Shannon), "
+        "routes that gained or lost traffic between the first and last time window, confidence "
+        "per window, per index version requests/fallbacks/feedback/cost, and clusters of "
+        "fell-back queries (when query text is logged; needs --index for the encoder).",
+    )
+    d.add_argument("--log", required=True,
+                   help="decision log: sqlite:PATH, a file path, or postgresql://...")
+    d.add_argument("--index", type=Path, default=None,
+                   help="the serving index: its exemplar mix, and its encoder for clusters")
+    d.add_argument("--out", type=Path, required=True, help="report directory")
+    d.add_argument("--since", type=float, default=0.0, help="only decisions at or after (unix s)")
+    d.add_argument("--windows", type=int, default=2, help="equal time windows to compare [2]")
+    d.add_argument("--min-change", type=float, default=0.02,
+                   help="share change for a route to count as gaining/losing [0.02]")
+    d.add_argument("--cluster-threshold", type=float, default=0.75,
+                   help="cosine for two fell-back queries to share a cluster [0.75]")
+    d.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(handler=_drift)
 
 
 def _learn(args: argparse.Namespace) -> int:
@@ -84,4 +130,60 @@ def _learn(args: argparse.Namespace) -> int:
               f"({learnt.skipped_no_text} without text, {learnt.skipped_low_score} low-score)")
         print(f"held-out replay ({len(learnt.holdout)} rows): serving {before.as_dict()}, "
               f"candidate {after.as_dict()}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from semroute.loop.promote import promote
+
+    entry = promote(args.root, args.version, reason=args.reason, by=args.by)
+    print(f"promoted {entry.version} (was {entry.previous or 'none'}) in {args.root}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from semroute.loop.promote import rollback
+
+    entry = rollback(args.root, reason=args.reason, by=args.by)
+    print(f"rolled back to {entry.version} (was {entry.previous}) in {args.root}")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from semroute.loop.promote import history, serving_version
+
+    for e in history(args.root):
+        print(f"{e.at}  {e.action:8}  {e.version}  (was {e.previous or 'none'})  by {e.by}: "
+              f"{e.reason}")
+    print(f"serving: {serving_version(args.root) or 'none'}")
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from semroute.cli import settings_from_args
+    from semroute.loop.drift_report import build_report, exemplar_mix_of, write_report
+    from semroute.loop.store import open_store
+
+    exemplar_mix = None
+    embed = None
+    if args.index is not None:
+        from semroute.router import Router
+
+        router = Router.load(args.index, settings_from_args(args))
+        exemplar_mix = exemplar_mix_of(router.index.manifest.counts.per_label)
+        embed = router.encoder.encode
+    store = open_store(args.log)
+    try:
+        report = build_report(store, since=args.since, windows=args.windows,
+                              exemplar_mix=exemplar_mix, min_change=args.min_change,
+                              embed=embed, cluster_threshold=args.cluster_threshold)
+    finally:
+        store.close()
+    written = write_report(report, args.out, plots=args.plots)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        overall = report["overall"]
+        print(f"{report['decisions']} decisions, {overall['fallback_share']:.1%} fell back; "
+              f"report in {args.out}: {', '.join(p.name for p in written)}")
     return 0

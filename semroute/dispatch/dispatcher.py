@@ -18,6 +18,11 @@ target with jittered exponential backoff, then the next target is tried; if none
 ``DispatchFailed`` (a ``NoTargetAvailable``) carries every attempt's failure. After it, a failure
 raises ``StreamInterrupted`` and nothing is retried, repeated or duplicated. Closing the iterator
 early (client gone, deadline) closes the upstream HTTP request at once.
+
+Around all this the ``Ledger`` (``semroute.dispatch.ledger``) applies the tenant's rate limits
+and the response cache before routing (a cache hit is replayed without routing or calling a
+backend), reserves the estimated cost from the tenant's budget after routing, and settles the
+actual cost and the accounting when the done event passes (docs/CACHE.md).
 """
 
 from __future__ import annotations
@@ -30,13 +35,19 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from semroute.config import DispatcherSettings
+import numpy as np
+
+from semroute.config import BudgetSettings, DispatcherSettings
 from semroute.dispatch.backend_config import BackendConfig
+from semroute.dispatch.ledger import Ledger, Ticket
 from semroute.dispatch.metrics import DispatchMetrics
 from semroute.dispatch.pool import Backend, BackendPool
 from semroute.dispatch.router_guard import fallback_chain
 from semroute.dispatch.rules import Prefilter, RuleEngine
+from semroute.dispatch.semantic import QueryEmbedder
 from semroute.dispatch.sse_client import StreamResult, estimate_tokens
+from semroute.dispatch.state import LocalState
+from semroute.dispatch.tenants import TenantGuard
 from semroute.dispatch.validate import ChatLimits, validate_chat
 from semroute.errors import (
     Attempt,
@@ -55,6 +66,7 @@ from semroute.errors import (
     RoutingUnavailable,
     ShuttingDown,
     StreamInterrupted,
+    TenantLimited,
     Unauthenticated,
 )
 from semroute.logs import (
@@ -109,6 +121,16 @@ class InProcessRouter:
         )
         return result
 
+    async def query_embedding(self, text: str) -> np.ndarray | None:
+        """The router's embedding of ``text`` (``QueryEmbedder``): read from the router's own
+        encoder cache, which holds it once ``route`` embedded the text (with the cache off,
+        this embeds again)."""
+        encoder = getattr(self.router, "encoder", None)
+        if encoder is None:
+            return None
+        vectors = await asyncio.to_thread(encoder.encode, [text])
+        return np.asarray(vectors[0], dtype=np.float32)
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -118,6 +140,7 @@ class _Plan:
     fallback: bool
     chain: tuple[str, ...]
     index_version: str = ""
+    routed_text: str = ""  # what the router embedded ("" when a rule or a force decided)
 
 
 class Dispatcher:
@@ -137,6 +160,7 @@ class Dispatcher:
         owns_router: bool = False,
         limits: ChatLimits | None = None,
         sink: DecisionSink | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.router = router
         # Finished chats and feedback go here (the decision log); None: not recorded.
@@ -147,6 +171,11 @@ class Dispatcher:
         # No rules file still means PII detection: the locality guarantee is on by default.
         self.rules = rules if rules is not None else RuleEngine.default()
         self.metrics = metrics if metrics is not None else DispatchMetrics()
+        # Rate limits, budgets, the response cache, cost accounting (semroute.dispatch.ledger);
+        # the default has no limits and no cache.
+        self.ledger = ledger if ledger is not None else Ledger(
+            backends.configs, TenantGuard(BudgetSettings(), LocalState()), None, self.metrics
+        )
         self._rng = rng or random.Random()
         self._owns_router = owns_router
         # Injectable so tests see the waits (backoff, Retry-After) without sleeping.
@@ -157,6 +186,12 @@ class Dispatcher:
         self._fallback = fallback_chain(
             settings.fallback_targets, self.backends.names(), self.backends.local_names()
         )
+        if self.ledger.semantic is not None and not isinstance(router, QueryEmbedder):
+            log.warning(
+                "semantic_cache_inactive",
+                reason="this router does not hand over its query embedding (a router in another "
+                "process: its gRPC response carries none); the exact tier still works",
+            )
         for name, backend in self.backends.backends.items():
             self.metrics.watch_breaker(name, lambda b=backend: b.breaker.state)  # type: ignore[misc]
 
@@ -195,6 +230,7 @@ class Dispatcher:
         """Close every backend's HTTP pool (and the router client if built here); the decision
         sink writes what it holds and closes."""
         await self.backends.aclose()
+        await self.ledger.aclose()
         if self._owns_router:
             close = getattr(self.router, "aclose", None) or getattr(self.router, "close", None)
             if close is not None:
@@ -251,12 +287,31 @@ class Dispatcher:
                 self.metrics.prefilter.labels(match=f"pii:{kind}").inc()
             if pre.rule is not None:
                 self.metrics.prefilter.labels(match=f"rule:{pre.rule.name}").inc()
+            ticket = await self.ledger.open(req, bool(pre.pii_kinds))
+            if ticket.answer is not None:
+                async for event in self._replay(req, ticket, rid, start):
+                    yield event
+                return
             plan = await self._plan(req, pre, rid)
+            await self.ledger.semantic_lookup(
+                ticket, req, plan.route,
+                (lambda: self._query_embedding(plan.routed_text)) if plan.routed_text else None,
+            )
+            if ticket.answer is not None:
+                async for event in self._replay(req, ticket, rid, start):
+                    yield event
+                return
+            # Estimated at the dearest target that can be called (configured, key present).
+            callable_chain = [t for t in plan.chain if t in self.backends.backends]
+            await self.ledger.reserve(ticket, req, callable_chain or plan.chain)
         except InvalidRequest:
             self.metrics.chats.labels(outcome="invalid").inc()
             raise
         except NoTargetAvailable:
             self.metrics.chats.labels(outcome="failed").inc()
+            raise
+        except TenantLimited:
+            self.metrics.chats.labels(outcome="refused").inc()
             raise
         log.info(
             "decided",
@@ -268,9 +323,14 @@ class Dispatcher:
             pii=list(pre.pii_kinds),
             rule=pre.rule.name if pre.rule else None,
         )
-        yield DecisionEvent(
-            plan.route, plan.chain[0], plan.confidence, plan.reason, plan.fallback, plan.chain
-        )
+        try:
+            yield DecisionEvent(
+                plan.route, plan.chain[0], plan.confidence, plan.reason, plan.fallback,
+                plan.chain, cache=ticket.status,
+            )
+        except BaseException:  # closed before any backend call: give the reservation back
+            await self.ledger.release(ticket, charged=False)
+            raise
         self._active[key] = asyncio.current_task()
         outcome = "cancelled"
         sent = 0
@@ -284,7 +344,10 @@ class Dispatcher:
                 async for event in events:
                     if isinstance(event, DeltaEvent):
                         sent += 1
+                        if ticket.storing:
+                            ticket.chunks.append(event.text)
                     elif isinstance(event, DoneEvent):
+                        event = await self.ledger.settle(ticket, plan.route, plan.chain, event)
                         done = event
                     yield event
                     self._active[key] = asyncio.current_task()
@@ -316,16 +379,43 @@ class Dispatcher:
             outcome = "failed"
             raise
         finally:
+            await self.ledger.release(ticket, charged=sent > 0)
             self.metrics.chats.labels(outcome=outcome).inc()
             if self.sink is not None:
                 self.sink.record(ChatSummary(
-                    request_id=rid, query=_last_user(req), route=plan.route,
+                    request_id=rid, query=_last_user(req), route=plan.route, tenant=req.tenant,
                     decided_target=plan.chain[0], target=done.target if done else "",
                     confidence=plan.confidence, fallback=plan.fallback, status=outcome,
                     index_version=plan.index_version,
                     cost_usd=done.cost_usd if done else 0.0,
                     latency_s=time.monotonic() - start, ttft_s=done.ttft_s if done else 0.0,
                 ))
+
+    async def _query_embedding(self, text: str) -> np.ndarray | None:
+        if isinstance(self.router, QueryEmbedder):
+            return await self.router.query_embedding(text)
+        return None
+
+    async def _replay(
+        self, req: ChatRequest, ticket: Ticket, rid: str, start: float
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """A cache hit: the stored answer, recorded like any answered chat."""
+        done: DoneEvent | None = None
+        async for event in self.ledger.replay(ticket, start):
+            if isinstance(event, DoneEvent):
+                done = event
+            yield event
+        assert done is not None and ticket.answer is not None
+        log.info("answered_from_cache", request_id=rid, route=ticket.answer.route,
+                 target=done.target, saved_usd=ticket.answer.cost_usd)
+        self.metrics.chats.labels(outcome="ok").inc()
+        if self.sink is not None:
+            self.sink.record(ChatSummary(
+                request_id=rid, query=_last_user(req), route=ticket.answer.route,
+                decided_target=done.target, target=done.target, confidence=1.0,
+                fallback=False, status="ok", tenant=req.tenant, cost_usd=0.0,
+                latency_s=time.monotonic() - start, ttft_s=done.ttft_s,
+            ))
 
     async def feedback(
         self, request_id: str, score: float, target: str | None = None,
@@ -413,7 +503,8 @@ class Dispatcher:
                 )
             raise DispatchFailed(f"no target left for route {route!r}: the chain was empty")
         version = decision.index_version if decision is not None and not pre.rule else ""
-        return _Plan(route, confidence, reason, fallback, chain, version)
+        routed = user_turns[-1] if decision is not None and not pre.rule else ""
+        return _Plan(route, confidence, reason, fallback, chain, version, routed)
 
     async def _ask_router(
         self, text: str, history: tuple[str, ...], policy: Policy, rid: str

@@ -106,6 +106,49 @@ class DispatchMetrics:
             registry=reg,
         )
 
+        # Cache, cost and tenant metrics carry the plain ``semroute_`` prefix (their names are
+        # the ones the docs and dashboards use).
+        self.cache_requests = Counter(
+            "cache_requests", "Chats by response-cache result (hit, miss, bypass)", ["result"],
+            namespace="semroute", registry=reg,
+        )
+        self.cost_usd = Counter(
+            "cost_usd", "Spend in USD by tenant, route and answering target (cache hits: 0)",
+            ["tenant", "route", "target"], namespace="semroute", registry=reg,
+        )
+        self.counterfactual_usd = Counter(
+            "counterfactual_cost_usd",
+            "What the same tokens would have cost on the route's most expensive target, by "
+            "tenant, route and answering target (minus cost_usd: what routing and the cache saved)",
+            ["tenant", "route", "target"], namespace="semroute", registry=reg,
+        )
+        self.answers = Counter(
+            "answers", "Chats answered (cache hits included) by tenant, route and target",
+            ["tenant", "route", "target"], namespace="semroute", registry=reg,
+        )
+        self.semantic_hits = Counter(
+            "cache_semantic_hits", "Cache hits found by the semantic tier (also counted in "
+            "cache_requests as hits)", namespace="semroute", registry=reg,
+        )
+        self.cache_saved_usd = Counter(
+            "cache_saved_usd", "Cost of the stored answers that cache hits replayed instead",
+            ["tenant", "route", "target"], namespace="semroute", registry=reg,
+        )
+        self.tenant_refusals = Counter(
+            "tenant_refusals", "Chats refused by a tenant's limit (budget, rate)",
+            ["tenant", "limit"], namespace="semroute", registry=reg,
+        )
+        self.state_errors = Counter(
+            "state_backend_errors", "Failed calls to the shared state backend (Redis) by "
+            "operation; the dispatcher then serves from its local view", ["op"],
+            namespace="semroute", registry=reg,
+        )
+        self.state_up = Gauge(
+            "state_backend_up", "1 while the shared state backend answers (always 1 in process)",
+            namespace="semroute", registry=reg,
+        )
+        self.state_up.set(1)
+
     def watch_breaker(self, target: str, state: Callable[[], BreakerState]) -> None:
         """Read ``target``'s breaker state at scrape time (open turns half-open with time alone,
         without any request to record it)."""

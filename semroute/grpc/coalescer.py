@@ -3,6 +3,13 @@
 The ``Coalescer`` turns many concurrent single queries into few ``run_batch`` calls without
 making a lone query wait: on an idle service a query runs at once in its caller's task; only
 while earlier batches are running does a batch wait (``max_wait_s``) to fill up.
+
+A query on a quiet service can run on the event loop itself (``run_inline``), skipping the hop
+to a worker thread and back, the largest fixed cost of a lone call. While a query runs inline
+nothing else can arrive, so quiet is proven on the thread path: an idle query that runs there
+with no other query arriving meanwhile (a probe) lets the next ``inline_after_probe`` idle
+queries run inline; any query that finds the service busy ends that, so a burst of concurrent
+calls is back on the batching path within a few calls.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class _Pending:
 
 
 BatchRunner = Callable[["Router", list[Query]], Awaitable[list[Decision]]]
+InlineRunner = Callable[["Router", list[Query]], list[Decision]]
 
 
 class Coalescer:
@@ -46,9 +54,15 @@ class Coalescer:
     """
 
     def __init__(
-        self, run_batch: BatchRunner, *, max_batch: int, max_wait_s: float, slots: int
+        self, run_batch: BatchRunner, *, max_batch: int, max_wait_s: float, slots: int,
+        run_inline: InlineRunner | None = None, inline_after_probe: int = 4,
     ) -> None:
         self._run_batch = run_batch
+        self._run_inline = run_inline
+        self._inline_after_probe = inline_after_probe
+        self._inline_budget = 0  # idle queries that may still run inline before the next probe
+        self._contended = False  # a query found the service busy (since the last probe began)
+        self.inline_runs = 0
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._slots = asyncio.Semaphore(slots)
@@ -84,13 +98,22 @@ class Coalescer:
 
     async def submit(self, router: Router, query: Query) -> Decision:
         """Route ``query`` with ``router`` as part of the next batch."""
+        idle = not self._queue and self._in_flight == 0 and not self._slots.locked()
+        if idle and self._run_inline is not None and self._inline_budget > 0:
+            self._inline_budget -= 1
+            self.inline_runs += 1
+            return self._run_inline(router, [query])[0]  # nothing else runs meanwhile
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        if not self._queue and self._in_flight == 0 and not self._slots.locked():
+        if idle:
             # Idle service: there is no batch to join, so run now in this task instead of
             # waking the batch cutter (saves two event-loop hops on the latency path).
+            self._contended = False
             await self._slots.acquire()  # a slot is free: this does not suspend
             await self._execute([_Pending(router, query, future)])
+            if not self._contended:  # a probe: nobody came while it ran
+                self._inline_budget = self._inline_after_probe
             return future.result()
+        self._contended, self._inline_budget = True, 0
         self._queue.append(_Pending(router, query, future))
         self._arrived.set()
         if len(self._queue) >= self._max_batch:

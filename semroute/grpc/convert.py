@@ -195,6 +195,7 @@ def event_to_proto(event: ChatEvent) -> dpb.ChatEvent:
                 reason=event.reason,
                 fallback=event.fallback,
                 chain=list(event.chain),
+                cache=event.cache,
             )
         )
     return dpb.ChatEvent(
@@ -206,6 +207,8 @@ def event_to_proto(event: ChatEvent) -> dpb.ChatEvent:
             target=event.target,
             attempts=event.attempts,
             ttft_s=event.ttft_s,
+            cache=event.cache,
+            counterfactual_cost_usd=event.counterfactual_cost_usd,
         )
     )
 
@@ -216,7 +219,9 @@ def event_from_proto(msg: dpb.ChatEvent) -> ChatEvent:
         return DeltaEvent(msg.delta.text)
     if which == "decision":
         d = msg.decision
-        return DecisionEvent(d.route, d.target, d.confidence, d.reason, d.fallback, tuple(d.chain))
+        return DecisionEvent(
+            d.route, d.target, d.confidence, d.reason, d.fallback, tuple(d.chain), d.cache
+        )
     if which == "done":
         e = msg.done
         return DoneEvent(
@@ -227,5 +232,7 @@ def event_from_proto(msg: dpb.ChatEvent) -> ChatEvent:
             e.target,
             e.attempts,
             e.ttft_s,
+            e.cache,
+            e.counterfactual_cost_usd,
         )
     raise SemrouteError(f"ChatEvent without an event (oneof unset): {msg!r}")

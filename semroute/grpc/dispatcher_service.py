@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from grpc_health.v1 import health
 
 from semroute._proto.semroute.v1 import dispatcher_pb2 as pb
 from semroute._proto.semroute.v1 import dispatcher_pb2_grpc as pb_grpc
-from semroute.auth import TokenSet
+from semroute.auth import TokenSet, parse_bearer
 from semroute.config import Settings
 from semroute.dispatch.dispatcher import Dispatcher
 from semroute.errors import InvalidRequest, SemrouteError
@@ -48,8 +49,20 @@ _END = object()
 
 
 class DispatcherServicer(pb_grpc.DispatcherServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, tokens: TokenSet | None = None) -> None:
         self._dispatcher = dispatcher
+        self._tokens = tokens if tokens is not None else TokenSet()
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant of the call's bearer token (the auth interceptor already checked it);
+        "" when auth is off."""
+        if not self._tokens.enabled:
+            return ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                token = parse_bearer(value)
+                return (self._tokens.tenant(token) or "") if token else ""
+        return ""
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
@@ -67,7 +80,7 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
         return pb.FeedbackResponse(ok=True)
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
-        req = request_from_proto(request)
+        req = dataclasses.replace(request_from_proto(request), tenant=self._tenant(context))
         # The chat runs in its own task and hands events over a queue, so the backend request
         # starts while the decision is still being written to the client (it saves the
         # decision's write time from the time to first token).
@@ -140,7 +153,7 @@ async def build_dispatcher_server(
     )
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     pb_grpc.add_DispatcherServicer_to_server(  # type: ignore[no-untyped-call]
-        DispatcherServicer(dispatcher), server
+        DispatcherServicer(dispatcher, tokens), server
     )
     bound = bind_port(server, f"{host}:{port}", credentials, "dispatcher.port")
     await set_serving(health_servicer, [SERVICE_NAME], True)

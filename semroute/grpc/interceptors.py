@@ -11,7 +11,9 @@ that, in order:
   and tooling work without secrets;
 - writes one ``rpc`` log line per call (method, status code, ms, peer, plus whatever the
   servicer added with ``annotate_call``, e.g. the decision) and calls
-  ``on_done(method, code, seconds)`` for metrics (``RpcMetrics.observe``).
+  ``on_done(method, code, seconds)`` for metrics (``RpcMetrics.observe``). Both run just
+  after the handler returns (scheduled on the event loop), so the reply is not held up by
+  rendering a log line.
 
 The scope wraps the handler's behaviour (an async context manager around it) rather than only
 inspecting the call, so the request id and timings cover exactly the servicer's work, for
@@ -47,7 +49,7 @@ log = get_logger(__name__)
 
 Metadata = Iterable[tuple[str, str | bytes]]
 # A scope wraps one call: scope(context, method) is an async context manager.
-Scope = Callable[[grpc.aio.ServicerContext, str], contextlib.AbstractAsyncContextManager[None]]
+Scope = Callable[[grpc.aio.ServicerContext, str], contextlib.AbstractAsyncContextManager[Any]]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 OPEN_METHOD_PREFIXES = (
@@ -239,37 +241,23 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    @contextlib.asynccontextmanager
-    async def scope(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-        start = time.perf_counter()
-        metadata = context.invocation_metadata()
-        rid = clean_request_id(metadata_value(metadata, REQUEST_ID_HEADER))
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        rid_token = bind_request_id(rid)
-        fields: dict[str, Any] = {}
-        fields_token = _call_fields.set(fields)
-        failure: BaseException | None = None
-        try:
-            if self._tokens.enabled and not method.startswith(self._open):
-                await self._authorize(context, method, metadata)
-            yield
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            seconds = time.perf_counter() - start
-            code = status_name(failure, context)
-            name = short_method(method)
-            if self._on_done is not None:
-                self._on_done(name, code, seconds)
-            if not method.startswith(self._skip_log):
-                line = {"method": name, "code": code, "ms": round(seconds * 1000, 3), **fields}
-                if code == "UNKNOWN" and failure is not None:
-                    self._log.error("rpc", **line, peer=context.peer(), exc_info=failure)
-                else:
-                    self._log.info("rpc", **line, peer=context.peer())
-            _call_fields.reset(fields_token)
-            reset_request_id(rid_token)
+    def scope(self, context: grpc.aio.ServicerContext, method: str) -> _CallScope:
+        return _CallScope(self, context, method)
+
+    def _finish(self, method: str, code: str, seconds: float, fields: dict[str, Any],
+                peer: str, failure: BaseException | None) -> None:
+        """Metrics and the ``rpc`` line of a finished call. Runs from the event loop just after
+        the handler returned (``call_soon``, in the call's context, so the request id is still
+        bound): the reply leaves before the line is rendered."""
+        name = short_method(method)
+        if self._on_done is not None:
+            self._on_done(name, code, seconds)
+        if not method.startswith(self._skip_log):
+            line = {"method": name, "code": code, "ms": round(seconds * 1000, 3), **fields}
+            if code == "UNKNOWN" and failure is not None:
+                self._log.error("rpc", **line, peer=peer, exc_info=failure)
+            else:
+                self._log.info("rpc", **line, peer=peer)
 
     async def _authorize(
         self, context: grpc.aio.ServicerContext, method: str, metadata: Metadata | None
@@ -286,6 +274,46 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await abort(context, PermissionDenied(
                 f"{short_method(method)} needs an admin token (auth.admin_tokens)"
             ))
+
+
+class _CallScope:
+    """One call's scope (``CallInterceptor.scope``): a plain class rather than a generator
+    context manager, as it runs on every call."""
+
+    __slots__ = ("_context", "_fields_token", "_interceptor", "_method", "_rid_token", "_start")
+
+    def __init__(self, interceptor: CallInterceptor, context: grpc.aio.ServicerContext,
+                 method: str) -> None:
+        self._interceptor = interceptor
+        self._context = context
+        self._method = method
+
+    async def __aenter__(self) -> None:
+        self._start = time.perf_counter()
+        context, method, owner = self._context, self._method, self._interceptor
+        metadata = context.invocation_metadata()
+        rid = clean_request_id(metadata_value(metadata, REQUEST_ID_HEADER))
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        self._rid_token = bind_request_id(rid)
+        self._fields_token = _call_fields.set({})
+        if owner._tokens.enabled and not method.startswith(owner._open):
+            try:
+                await owner._authorize(context, method, metadata)
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, None)
+                raise
+
+    async def __aexit__(self, exc_type: Any, failure: BaseException | None, tb: Any) -> None:
+        seconds = time.perf_counter() - self._start
+        context = self._context
+        code = status_name(failure, context)
+        fields = _call_fields.get() or {}
+        asyncio.get_running_loop().call_soon(
+            self._interceptor._finish, self._method, code, seconds, fields, context.peer(),
+            failure,
+        )
+        _call_fields.reset(self._fields_token)
+        reset_request_id(self._rid_token)
 
 
 def standard_interceptors(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,12 +32,27 @@ from semroute.logs import get_request_id
 from semroute.types import Decision, IndexInfo, Policy, Query
 
 _NO_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class CandidateState:
+    """A router's candidate after ``set_candidate``: mode, A/B share, the candidate index
+    (None when off), and the agreement counts of the candidate it replaced, per served route
+    (route -> (compared, agreed))."""
+
+    mode: str
+    share: float
+    candidate: IndexInfo | None
+    agreement: dict[str, tuple[int, int]]
 # A router that went away and came back is used again within a second or so (grpc's default
 # reconnect backoff grows to two minutes, keeping the dispatcher on its fallback that long).
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Each channel its own connection: grpc otherwise shares one among channels with equal
+    # arguments, and a connection is served by one process of a multi-process router.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -47,6 +63,11 @@ class RouterClient:
     when given); ``tls_cert``/``tls_key``: client certificate for mutual TLS. ``timeout``: per-call
     deadline in seconds. The current request id (``semroute.logs``), if any, is forwarded as
     ``x-request-id``.
+
+    ``channels``: connections to open, used in turn call by call. A gRPC channel is one HTTP/2
+    connection, and a router started with ``--processes N`` serves each connection from one of
+    its processes (SO_REUSEPORT spreads connections, not calls), so a busy client needs several
+    (a few per process) to use them all; a load balancer in front does the same job.
     """
 
     def __init__(
@@ -58,12 +79,24 @@ class RouterClient:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         timeout: float = 5.0,
+        channels: int = 1,
     ) -> None:
+        if channels < 1:
+            raise ValueError(f"channels: need at least 1, got {channels}")
         self.addr = addr
         self.timeout = timeout
         self._token = token
-        self._channel = open_channel(addr, tls_ca, tls_cert, tls_key, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.RouterStub(self._channel)  # type: ignore[no-untyped-call]
+        self._channels = [open_channel(addr, tls_ca, tls_cert, tls_key, options=CHANNEL_OPTIONS)
+                          for _ in range(channels)]
+        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
+                       for ch in self._channels]
+        self._turn = 0
+
+    @property
+    def stub(self) -> pb_grpc.RouterStub:
+        """The stub of the next channel in turn."""
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
 
     async def __aenter__(self) -> RouterClient:
         return self
@@ -75,7 +108,7 @@ class RouterClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await asyncio.gather(*(ch.close() for ch in self._channels))
 
     def _metadata(self) -> list[tuple[str, str]]:
         return call_metadata(self._token, get_request_id())
@@ -97,10 +130,13 @@ class RouterClient:
         policy: Policy = _NO_POLICY,
         explain: bool = False,
         timeout: float | None = None,
+        ab_key: str = "",
     ) -> Decision:
-        """Route one query."""
+        """Route one query (``ab_key``: the A/B key, see router.proto)."""
         query = Query(text=text, history=tuple(history), policy=policy, explain=explain)
-        reply = await self._call(self.stub.Route, convert.query_to_proto(query), timeout)
+        request = convert.query_to_proto(query)
+        request.ab_key = ab_key
+        reply = await self._call(self.stub.Route, request, timeout)
         return convert.decision_from_proto(reply)
 
     async def route_batch(
@@ -129,6 +165,21 @@ class RouterClient:
             raise ReloadFailed(f"router at {self.addr} kept index {reply.previous_version!r}: "
                                f"{reply.error}")
         return convert.info_from_proto(reply.index)
+
+    async def set_candidate(
+        self, mode: str, path: str | None = None, share: float = 0.0, *,
+        timeout: float | None = 60.0,
+    ) -> CandidateState:
+        """Set the server's candidate (``mode`` off, shadow or ab; ``path`` None keeps the one
+        loaded). Needs an admin token. Raises the server's error (InvalidRequest for a bad
+        mode, share or path; IndexNotFound, CorruptIndex, FingerprintMismatch, ConfigError)."""
+        request = pb.SetCandidateRequest(mode=mode, path=path or "", share=share)
+        reply = await self._call(self.stub.SetCandidate, request, timeout)
+        return CandidateState(
+            reply.mode, reply.share,
+            convert.info_from_proto(reply.candidate) if reply.HasField("candidate") else None,
+            {a.route: (a.compared, a.agreed) for a in reply.agreement},
+        )
 
 
 class SyncRouterClient:
@@ -181,10 +232,11 @@ class SyncRouterClient:
         policy: Policy = _NO_POLICY,
         explain: bool = False,
         timeout: float | None = None,
+        ab_key: str = "",
     ) -> Decision:
         return self._runner.run(
             self._client.route(text, history=history, policy=policy, explain=explain,
-                               timeout=timeout)
+                               timeout=timeout, ab_key=ab_key)
         )
 
     def route_batch(self, queries: list[Query], *, timeout: float | None = None) -> list[Decision]:
@@ -195,3 +247,9 @@ class SyncRouterClient:
 
     def reload(self, path: str | None = None, *, timeout: float | None = 60.0) -> IndexInfo:
         return self._runner.run(self._client.reload(path, timeout=timeout))
+
+    def set_candidate(
+        self, mode: str, path: str | None = None, share: float = 0.0, *,
+        timeout: float | None = 60.0,
+    ) -> CandidateState:
+        return self._runner.run(self._client.set_candidate(mode, path, share, timeout=timeout))

@@ -13,20 +13,23 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from grpc_health.v1 import health
 
 from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute.config import Settings
-from semroute.errors import NotReady, ReloadFailed, SemrouteError
+from semroute.errors import ConfigError, NotReady, ReloadFailed, SemrouteError
+from semroute.grpc.router_arms import Arms, ArmState
+from semroute.grpc.router_drift import DriftMetrics
 from semroute.grpc.server import set_serving
 from semroute.logs import get_logger
+from semroute.loop.arms import Mode, check_share
 from semroute.metrics import RouterMetrics
 from semroute.types import Decision, Encoder, IndexInfo, Query
 
 if TYPE_CHECKING:
-    from semroute.router import Router
+    from semroute.router import Router, Timings
 
 from semroute.grpc.coalescer import Coalescer
 
@@ -34,6 +37,15 @@ log = get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Router"].full_name
 
+
+
+class Peers(Protocol):
+    """The other router processes serving the same port (``semroute.grpc.router_workers``):
+    an admin call that reached this one is sent on to them."""
+
+    def reload(self, path: Path | None) -> None: ...
+
+    def set_candidate(self, mode: str, path: Path | None, share: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -70,14 +82,25 @@ class RouterHandle:
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._failed_current: Path | None = None
+        # Multi-process (semroute.grpc.router_workers): the supervisor decides health, since
+        # SERVING means every process serves one version, so a new version is reported to it
+        # (``on_version``) instead of setting health here; ``peers`` get this one's admin calls.
+        self.on_version: Callable[[str], None] | None = None
+        self.peers: Peers | None = None
+        self.mmap_index = settings.router_server.processes > 1
         srv = settings.router_server
         self.coalescer = Coalescer(
             self.run_batch, max_batch=srv.batch_max, max_wait_s=srv.batch_wait_ms / 1000.0,
-            slots=srv.workers,
+            slots=srv.workers, run_inline=self.route_inline if srv.inline_when_idle else None,
         )
         # RouteBatch slices run in a lane one worker short of all of them, so single Route
         # calls always find a worker (a big batch cannot starve them).
         self._batch_lane = asyncio.Semaphore(max(1, srv.workers - 1))
+        self.arms = Arms(settings, metrics.registry)
+        self.drift = (
+            DriftMetrics(metrics.registry, srv.drift_window, self._exemplar_counts)
+            if srv.drift_window else None
+        )
 
     @property
     def router(self) -> Router | None:
@@ -100,8 +123,20 @@ class RouterHandle:
     async def run_batch(self, router: Router, queries: list[Query]) -> list[Decision]:
         """Route ``queries`` as one encoder batch on the worker threads; records metrics."""
         decisions, timings = await self._in_thread(router.route_batch_timed, queries)
+        asyncio.get_running_loop().call_soon(self._observe, decisions, timings)
+        return list(decisions)
+
+    def route_inline(self, router: Router, queries: list[Query]) -> list[Decision]:
+        """``run_batch`` on the calling thread (the event loop's, when the service is idle: see
+        ``Coalescer``); records metrics."""
+        decisions, timings = router.route_batch_timed(queries)
+        asyncio.get_running_loop().call_soon(self._observe, decisions, timings)
+        return decisions
+
+    def _observe(self, decisions: list[Decision], timings: Timings) -> None:
+        # Scheduled, not run inline: the replies leave before the metrics are counted.
         m = self.metrics
-        m.batch_size.observe(len(queries))
+        m.batch_size.observe(len(decisions))
         m.encode_seconds.observe(timings.encode_s)
         m.search_seconds.observe(timings.search_s)
         m.decide_seconds.observe(timings.decide_s)
@@ -109,7 +144,12 @@ class RouterHandle:
             m.decisions.labels(route=decision.route, target=decision.target).inc()
             if decision.fallback:
                 m.fallbacks.labels(route=decision.route).inc()
-        return list(decisions)
+            if self.drift is not None:
+                self.drift.observe(decision)
+
+    def _exemplar_counts(self) -> dict[str, int]:
+        router = self._router
+        return dict(router.index.manifest.counts.per_label) if router is not None else {}
 
     async def route_many(self, router: Router, queries: list[Query]) -> list[Decision]:
         """Route a RouteBatch: in slices of at most ``limits.batch_slice_tokens`` estimated
@@ -128,16 +168,19 @@ class RouterHandle:
         from semroute.router import Router
 
         if self._encoder is None:
-            router = Router.load(path, self.settings, encoder_path=self._encoder_path)
+            router = Router.load(path, self.settings, encoder_path=self._encoder_path,
+                                 mmap=self.mmap_index)
             self._encoder = router.encoder
             return router
-        index = ExemplarIndex.load(path, expect_fingerprint=self._encoder.fingerprint)
+        index = ExemplarIndex.load(path, expect_fingerprint=self._encoder.fingerprint,
+                                   mmap=self.mmap_index)
         return Router(self._encoder, index, self.settings)
 
     def _with_index(self, router: Router, path: Path) -> Router:
         from semroute.index import ExemplarIndex
 
-        index = ExemplarIndex.load(path, expect_fingerprint=router.encoder.fingerprint)
+        index = ExemplarIndex.load(path, expect_fingerprint=router.encoder.fingerprint,
+                                   mmap=self.mmap_index)
         return router.with_index(index)
 
     async def load(self) -> IndexInfo:
@@ -152,7 +195,8 @@ class RouterHandle:
                 lambda: int(getattr(self._encoder, "hits", 0)),
                 lambda: int(getattr(self._encoder, "misses", 0)),
             )
-        await set_serving(self.health, [SERVICE_NAME], True)
+        if self.on_version is None:
+            await set_serving(self.health, [SERVICE_NAME], True)
         self.metrics.ready.set(1)
         info: IndexInfo = router.info
         log.info("index loaded", version=info.version, exemplars=info.exemplars, path=info.path)
@@ -163,6 +207,8 @@ class RouterHandle:
         self._router = router
         info = router.info
         self.metrics.set_index(info.version, info.exemplars)
+        if self.on_version is not None:
+            self.on_version(info.version)
 
     async def reload(self, path: Path | None = None) -> ReloadResult:
         """Load ``path`` (default: the served root, following ``current``), check it, swap it in.
@@ -200,13 +246,50 @@ class RouterHandle:
             changed = old is None or new.info.version != previous or new.info.path != old.info.path
             if changed:
                 self._swap(new)
+                await self._drop_promoted_candidate(new.info.version)
             self.metrics.reloads.labels(result="ok" if changed else "unchanged").inc()
         if old is None:
-            await set_serving(self.health, [SERVICE_NAME], True)
+            if self.on_version is None:
+                await set_serving(self.health, [SERVICE_NAME], True)
             self.metrics.ready.set(1)
         log.info("index reloaded" if changed else "index unchanged", version=new.info.version,
                  previous=previous, path=new.info.path)
         return ReloadResult(True, changed, "", new.info, previous)
+
+    async def set_candidate(self, mode: Mode, path: Path | None, share: float) -> ArmState:
+        """Load ``path`` (None: keep the candidate loaded) next to the serving index and use it
+        as ``mode`` with A/B ``share``; mode off removes it. The candidate is checked in full
+        (and must use the serving encoder) before it takes traffic; on any error the arms stay
+        as they were and the error is raised (IndexNotFound, CorruptIndex, FingerprintMismatch,
+        ReloadFailed; ConfigError when there is no candidate to keep)."""
+        check_share(share)
+        async with self._lock:
+            serving = self.current()
+            candidate = self.arms.state.candidate
+            if mode == "off":
+                candidate = None
+            elif path is not None:
+                try:
+                    candidate = await self._in_thread(self._with_index, serving, path)
+                except SemrouteError:
+                    raise
+                except Exception as exc:
+                    raise ReloadFailed(f"{path}: cannot load this candidate index "
+                                       f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+            elif candidate is None:
+                raise ConfigError(
+                    f"path: no candidate is loaded, so mode {mode!r} needs the candidate's path"
+                )
+            state = ArmState(mode, share if mode == "ab" else 0.0, candidate)
+            await self._in_thread(self.arms.set, state)
+        return state
+
+    async def _drop_promoted_candidate(self, version: str) -> None:
+        candidate = self.arms.state.candidate
+        if candidate is not None and candidate.index.version == version:
+            # The candidate was promoted: comparing the index with itself says nothing.
+            log.info("candidate promoted; removed", version=version)
+            await self._in_thread(self.arms.set, ArmState())
 
     def start_watch(self) -> None:
         """Poll ``DIR/current`` every ``router_server.watch_interval_s`` (0: no watch)."""
@@ -249,6 +332,7 @@ class RouterHandle:
                 await self._watch_task
             self._watch_task = None
         await self.coalescer.close()
+        await self.arms.close()
         self.metrics.ready.set(0)
         await asyncio.to_thread(self._executor.shutdown, True)
 

@@ -8,7 +8,8 @@ which owns the live state:
 - the ``Coalescer``, which gathers concurrent ``Route`` calls into one encoder batch (at most
   ``router_server.batch_max`` queries, waiting at most ``batch_wait_ms`` to fill, and only
   while earlier batches are still running, so a lone call never waits) and runs it on a small
-  thread pool, off the event loop;
+  thread pool, off the event loop (a lone call on an idle server runs on the loop itself,
+  ``router_server.inline_when_idle``: the thread hop is the largest fixed cost of a call);
 - reloads (``ReloadIndex`` and a poll of ``DIR/current``): the new index is loaded and checked in
   full before the swap; a failure keeps the old index serving and is reported in the reply,
   the log and the ``reloads{result="error"}`` / ``reload_failed`` metrics;
@@ -25,6 +26,7 @@ Typical use (``semroute.serve.serve_router`` does exactly this)::
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,17 +46,19 @@ from semroute.grpc.interceptors import annotate_call, standard_interceptors
 from semroute.grpc.router_handle import SERVICE_NAME, RouterHandle
 from semroute.grpc.server import SERVER_OPTIONS, add_health_and_reflection, bind_port
 from semroute.grpc.tls import server_credentials
-from semroute.logs import get_logger, text_fields
+from semroute.logs import get_logger, get_request_id, text_fields
+from semroute.loop.arms import SERVING, check_mode
 from semroute.metrics import RouterMetrics
-from semroute.types import Encoder, Query
+from semroute.types import Decision, Encoder, Query
 
 if TYPE_CHECKING:
-    pass
+    from semroute.router import Router
 
 log = get_logger(__name__)
 
-ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/ReloadIndex"})
+ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/ReloadIndex", f"/{SERVICE_NAME}/SetCandidate"})
 MAX_TARGET_CHARS = 256
+MAX_AB_KEY_CHARS = 256
 
 
 # ---- servicer -----------------------------------------------------------------------------------
@@ -81,14 +85,32 @@ class RouterServicer(pb_grpc.RouterServicer):
             query = convert.query_from_proto(request)
             check_query(query)
             router.validate(query)
-            decision = await self._handle.coalescer.submit(router, query)
+            check_ab_key(request.ab_key, "ab_key")
+            rid = get_request_id() or ""
+            arm, chosen = self._pick(router, query, request.ab_key or rid or query.text)
+            decision = await self._handle.coalescer.submit(chosen, query)
         except SemrouteError as exc:
             await abort(context, exc)
+        # Counted (and, in shadow mode, handed to the shadow lane) after the reply has left.
+        asyncio.get_running_loop().call_soon(self._handle.arms.served, arm, decision, query, rid)
         # On the call's one ``rpc`` line (the access log), not a line of its own.
         annotate_call(route=decision.route, target=decision.target,
                       confidence=round(decision.confidence, 4), fallback=decision.fallback,
-                      **text_fields(query.text, log_text=self._log_text))
-        return convert.decision_to_proto(decision)
+                      arm=arm, **text_fields(query.text, log_text=self._log_text))
+        reply = convert.decision_to_proto(decision)
+        reply.arm = arm
+        return reply
+
+    def _pick(self, serving: Router, query: Query, key: str) -> tuple[str, Router]:
+        """The arm for ``key``; the serving index when the candidate cannot take ``query``
+        (a policy naming a target the candidate does not have)."""
+        arm, chosen = self._handle.arms.pick(serving, key)
+        if chosen is not serving:
+            try:
+                chosen.validate(query)
+            except InvalidRequest:
+                return SERVING, serving
+        return arm, chosen
 
     async def RouteBatch(
         self, request: pb.RouteBatchRequest, context: grpc.aio.ServicerContext
@@ -107,13 +129,40 @@ class RouterServicer(pb_grpc.RouterServicer):
                 try:
                     check_query(query)
                     router.validate(query)
+                    check_ab_key(request.requests[i].ab_key, "ab_key")
                 except InvalidRequest as exc:
                     raise _prefixed(exc, f"requests[{i}].") from exc
-            decisions = await self._handle.route_many(router, queries) if queries else []
+            rid = get_request_id() or ""
+            picks = [
+                self._pick(router, q, r.ab_key or f"{rid}:{i}")
+                for i, (q, r) in enumerate(zip(queries, request.requests, strict=True))
+            ]
+            decisions = await self._route_arms(queries, picks)
         except SemrouteError as exc:
             await abort(context, exc)
+        replies = []
+        for i, (decision, (arm, _)) in enumerate(zip(decisions, picks, strict=True)):
+            self._handle.arms.served(arm, decision, queries[i], f"{rid}:{i}")
+            reply = convert.decision_to_proto(decision)
+            reply.arm = arm
+            replies.append(reply)
         annotate_call(queries=len(decisions))
-        return pb.RouteBatchResponse(responses=[convert.decision_to_proto(d) for d in decisions])
+        return pb.RouteBatchResponse(responses=replies)
+
+    async def _route_arms(
+        self, queries: list[Query], picks: list[tuple[str, Router]]
+    ) -> list[Decision]:
+        """Decisions in query order, each group of queries routed by the router it drew."""
+        groups: dict[int, list[int]] = {}
+        for i, (_, chosen) in enumerate(picks):
+            groups.setdefault(id(chosen), []).append(i)
+        out: list[Decision | None] = [None] * len(queries)
+        for members in groups.values():
+            routed = await self._handle.route_many(picks[members[0]][1],
+                                                   [queries[i] for i in members])
+            for i, decision in zip(members, routed, strict=True):
+                out[i] = decision
+        return [d for d in out if d is not None]
 
     async def GetIndexInfo(
         self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext
@@ -122,7 +171,36 @@ class RouterServicer(pb_grpc.RouterServicer):
             info = self._handle.current().info
         except SemrouteError as exc:
             await abort(context, exc)
-        return pb.GetIndexInfoResponse(index=convert.info_to_proto(info))
+        reply = pb.GetIndexInfoResponse(index=convert.info_to_proto(info))
+        state = self._handle.arms.state
+        reply.candidate_mode = state.mode
+        reply.candidate_share = state.share
+        if state.candidate is not None:
+            reply.candidate.CopyFrom(convert.info_to_proto(state.candidate.info))
+        return reply
+
+    async def SetCandidate(
+        self, request: pb.SetCandidateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetCandidateResponse:
+        try:
+            mode = check_mode(request.mode, "mode")
+            path = reload_path(request.path, self._handle.index_path) if request.path else None
+            before = self._handle.arms.agreement.snapshot()
+            state = await self._handle.set_candidate(mode, path, request.share)
+        except SemrouteError as exc:
+            await abort(context, exc)
+        if self._handle.peers is not None:
+            self._handle.peers.set_candidate(mode, path, request.share)
+        reply = pb.SetCandidateResponse(
+            mode=state.mode, share=state.share,
+            agreement=[pb.RouteAgreement(route=r, compared=c.compared, agreed=c.agreed)
+                       for r, c in sorted(before.items())],
+        )
+        if state.candidate is not None:
+            reply.candidate.CopyFrom(convert.info_to_proto(state.candidate.info))
+        annotate_call(mode=state.mode, share=state.share,
+                      candidate=state.candidate.info.version if state.candidate else "")
+        return reply
 
     async def ReloadIndex(
         self, request: pb.ReloadIndexRequest, context: grpc.aio.ServicerContext
@@ -132,6 +210,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         except SemrouteError as exc:
             await abort(context, exc)
         result = await self._handle.reload(path)
+        if result.ok and self._handle.peers is not None:
+            self._handle.peers.reload(path)
         reply = pb.ReloadIndexResponse(
             ok=result.ok, changed=result.changed, error=result.error,
             previous_version=result.previous_version,
@@ -153,6 +233,13 @@ def check_query(query: Query) -> None:
             )
     if query.policy.max_cost is not None:
         check_max_cost(query.policy.max_cost, "policy.max_cost")
+
+
+def check_ab_key(key: str, field: str) -> None:
+    """An A/B key of a sane length (InvalidRequest naming ``field`` otherwise)."""
+    if len(key) > MAX_AB_KEY_CHARS:
+        raise InvalidRequest(field, f"{len(key)} characters; A/B keys are at most "
+                             f"{MAX_AB_KEY_CHARS}")
 
 
 def reload_path(raw: str, root: Path) -> Path:
@@ -196,6 +283,7 @@ async def create_router_server(
     metrics: RouterMetrics | None = None,
     tokens: TokenSet | None = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, RouterHandle]:
     """Build (not start) a router server bound to ``host:port`` (settings by default; port 0
     picks a free one). Returns the server, the bound port and the handle; call
@@ -205,7 +293,9 @@ async def create_router_server(
     ``handle.load()`` loads ``encoder_path``, else the encoder recorded in the index manifest,
     else ``settings.encoder.path`` (see ``Router.load``). ``tokens`` defaults to
     ``settings.auth``; TLS comes from ``settings.tls``. Raises ConfigError for bad auth/TLS
-    settings and SemrouteError if the address cannot be bound.
+    settings and SemrouteError if the address cannot be bound. ``reuse_port``: bind with
+    SO_REUSEPORT, beside the other processes of a multi-process router
+    (``semroute.grpc.router_workers``); off, a port in use is an error.
     """
     srv = settings.router_server
     host = host if host is not None else srv.host
@@ -221,7 +311,7 @@ async def create_router_server(
         ],
         options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *SERVER_OPTIONS,
         ],
     )
@@ -242,6 +332,7 @@ async def create_router_server(
         executor.shutdown(wait=False)
         raise
     handle.coalescer.start()
+    handle.arms.start()
     log.info("router server created", address=f"{host}:{bound}", tls=credentials is not None,
              mtls=settings.tls.client_ca_file is not None, auth=tokens.enabled)
     return server, bound, handle

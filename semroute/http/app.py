@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import socket
 import time
@@ -39,22 +40,28 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from semroute.auth import TokenSet
+from semroute.auth import TokenSet, parse_bearer
 from semroute.config import Settings
+from semroute.dispatch.dispatcher import Dispatcher
+from semroute.dispatch.stats import snapshot
 from semroute.dispatch.validate import ChatLimits, echo
 from semroute.errors import (
     ConfigError,
     InvalidRequest,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
+    PermissionDenied,
     SemrouteError,
     ShuttingDown,
     StreamInterrupted,
+    TenantLimited,
     UnsupportedMediaType,
 )
+from semroute.http.dashboard import page
 from semroute.http.openai import (
     AUTO_MODEL,
     ERROR_TYPES,
@@ -81,6 +88,14 @@ from semroute.types import (
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
+
+# The page runs only its own inline script and talks only to this door.
+DASHBOARD_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'",
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+}
 
 # Media types a chat body may declare (parameters such as charset are ignored); none at all is
 # taken as JSON too, as OpenAI's API does.
@@ -109,6 +124,9 @@ def _error_response(exc: BaseException, request_id: str) -> JSONResponse:
         headers.update(decision_headers(decision, request_id))
     if status == 401:
         headers["www-authenticate"] = "Bearer"
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, TenantLimited) and retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
     return JSONResponse(error_body(exc, status), status_code=status, headers=headers)
 
 
@@ -132,6 +150,8 @@ class HttpDoor:
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self._model, methods=["GET"]),
                 Route("/healthz", self._health, methods=["GET"]),
+                Route("/dashboard", self._dashboard_page, methods=["GET"]),
+                Route("/dashboard/data", self._dashboard_data, methods=["GET"]),
             ],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
         )
@@ -144,6 +164,24 @@ class HttpDoor:
         if self.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _dashboard_page(self, request: Request) -> Response:
+        """The page holds no data (it asks /dashboard/data with the operator's token)."""
+        return HTMLResponse(page(), headers=DASHBOARD_HEADERS)
+
+    async def _dashboard_data(self, request: Request) -> Response:
+        return await self._guarded(request, self._dashboard_snapshot)
+
+    async def _dashboard_snapshot(self, request: Request, request_id: str) -> Response:
+        """Every tenant's spend: admin tokens only (when auth is on)."""
+        token = parse_bearer(request.headers.get("authorization")) or ""
+        if self._tokens.enabled and self._tokens.role(token) != "admin":
+            raise PermissionDenied("the dashboard's data needs an admin token (auth.admin_tokens)")
+        d = self._dispatcher
+        if not isinstance(d, Dispatcher):
+            raise NotFound("this door's dispatcher keeps no dashboard data")
+        data = await snapshot(d.metrics, d.ledger, d.backends)
+        return JSONResponse(data, headers={"cache-control": "no-store"})
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         """Starlette's own 404/405 in OpenAI's error shape."""
@@ -198,7 +236,9 @@ class HttpDoor:
         request_id = clean_request_id(request.headers.get("x-request-id"))
         token = bind_request_id(request_id)
         try:
-            check_bearer(request.headers.get("authorization"), self._tokens)
+            request.state.tenant = check_bearer(
+                request.headers.get("authorization"), self._tokens
+            )
             return await handler(request, request_id)
         except (_ClientGone, ClientDisconnect):
             log.info("http_client_gone", path=request.url.path)
@@ -220,7 +260,8 @@ class HttpDoor:
         parsed = parse_chat_body(
             body, self._dispatcher.target_names(), request_id, self._limits
         )
-        events = aiter(self._dispatcher.chat(parsed.request))
+        chat = dataclasses.replace(parsed.request, tenant=request.state.tenant)
+        events = aiter(self._dispatcher.chat(chat))
         handed_over = False
         try:
             decision, pending = await _unless_client_leaves(request, _until_commit(events))
@@ -292,23 +333,31 @@ class HttpDoor:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
+        def encode(event: ChatEvent) -> bytes:
+            if isinstance(event, DeltaEvent):
+                return sse(chunk({"content": event.text}))
+            if not isinstance(event, DoneEvent):
+                return b""
+            extra = {"usage": usage_field(event), "semroute": semroute_field(decision, event)}
+            if parsed.include_usage:
+                # OpenAI's layout: usage rides on an extra chunk with empty choices.
+                parts = [sse(chunk({}, event.finish_reason)), sse({**base, "choices": [], **extra})]
+            else:
+                parts = [sse({**chunk({}, event.finish_reason), **extra})]
+            return b"".join([*parts, sse("[DONE]")])
+
         try:
-            yield sse(chunk({"role": "assistant", "content": ""}))
-            async for event in _chain(pending, events):
-                if isinstance(event, DeltaEvent):
-                    yield sse(chunk({"content": event.text}))
-                elif isinstance(event, DoneEvent):
-                    extra = {
-                        "usage": usage_field(event),
-                        "semroute": semroute_field(decision, event),
-                    }
-                    if parsed.include_usage:
-                        # OpenAI's layout: usage rides on an extra chunk with empty choices.
-                        yield sse(chunk({}, event.finish_reason))
-                        yield sse({**base, "choices": [], **extra})
-                    else:
-                        yield sse({**chunk({}, event.finish_reason), **extra})
-                    yield sse("[DONE]")
+            # The role chunk and what arrived by the commit point leave in one write: the first
+            # text reaches the client a send earlier (a cache hit's whole answer, often).
+            yield b"".join([sse(chunk({"role": "assistant", "content": ""})),
+                            *(encode(e) for e in pending)])
+            if any(isinstance(e, DoneEvent) for e in pending):
+                return
+            async for event in events:
+                data = encode(event)
+                if data:
+                    yield data
+                if isinstance(event, DoneEvent):
                     return
             raise StreamInterrupted(decision.target, "dispatcher stream ended without a done event")
         except SemrouteError as exc:

@@ -26,6 +26,7 @@ from semroute.dispatch.validate import (
 from semroute.errors import (
     ERROR_CLASSES,
     DispatchFailed,
+    InsufficientQuota,
     InvalidRequest,
     ModelNotFound,
     SemrouteError,
@@ -96,10 +97,13 @@ def error_body(exc: BaseException, status: int | None = None) -> dict[str, Any]:
     if len(message) > MAX_MESSAGE_CHARS:
         cut = len(message) - MAX_MESSAGE_CHARS
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} more characters)"
+    kind = ERROR_TYPES.get(status, "server_error")
+    if isinstance(exc, InsufficientQuota):
+        kind = "insufficient_quota"  # OpenAI's own type for a spent quota
     return {
         "error": {
             "message": _safe_text(message),
-            "type": ERROR_TYPES.get(status, "server_error"),
+            "type": kind,
             "param": None if param is None else _safe_text(param[:MAX_PARAM_CHARS]),
             "code": code,
         }
@@ -322,17 +326,20 @@ def _overrides(value: Any, force_target: str | None, targets: Sequence[str]) -> 
 # ---- auth ---------------------------------------------------------------------------------------
 
 
-def check_bearer(header: str | None, tokens: TokenSet) -> None:
-    """Raise Unauthenticated unless auth is off or ``header`` is ``Bearer <known token>``.
-    The token set is the gRPC door's (``semroute.auth.TokenSet``): sha256 digests
-    compared in constant time against every configured token, user or admin."""
+def check_bearer(header: str | None, tokens: TokenSet) -> str:
+    """Raise Unauthenticated unless auth is off or ``header`` is ``Bearer <known token>``;
+    returns the token's tenant ("" when auth is off). The token set is the gRPC door's
+    (``semroute.auth.TokenSet``): sha256 digests compared in constant time against every
+    configured token, user or admin."""
     if not tokens.enabled:
-        return
+        return ""
     presented = parse_bearer(header)
     if presented is None:
         raise Unauthenticated("missing bearer token: send the header Authorization: Bearer <token>")
-    if tokens.role(presented) is None:
+    tenant = tokens.tenant(presented)
+    if tenant is None:
         raise Unauthenticated("invalid bearer token")
+    return tenant
 
 
 # ---- response shapes ----------------------------------------------------------------------------
@@ -346,6 +353,7 @@ def decision_headers(decision: DecisionEvent, request_id: str) -> dict[str, str]
         "x-semroute-target": _ascii(decision.target),
         "x-semroute-confidence": f"{decision.confidence:.4f}",
         "x-semroute-fallback": "true" if decision.fallback else "false",
+        **({"x-semroute-cache": decision.cache} if decision.cache else {}),
     }
 
 
@@ -366,6 +374,8 @@ def semroute_field(decision: DecisionEvent, done: DoneEvent) -> dict[str, Any]:
         "chain": list(decision.chain),
         "attempts": done.attempts,
         "cost_usd": done.cost_usd,
+        "counterfactual_cost_usd": done.counterfactual_cost_usd,
+        "cache": done.cache,
         "ttft_s": round(done.ttft_s, 6),
     }
 
@@ -377,6 +387,7 @@ def usage_field(done: DoneEvent) -> dict[str, Any]:
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
         "cost_usd": done.cost_usd,
+        "counterfactual_cost_usd": done.counterfactual_cost_usd,
     }
 
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from semroute.errors import NotFound
 from semroute.logs import get_logger
-from semroute.loop.records import DecisionRecord, Feedback
+from semroute.loop.records import DecisionRecord, Feedback, ShadowRecord
 from semroute.loop.store import SqlStore
 
 log = get_logger(__name__)
@@ -84,6 +84,16 @@ class DecisionLog:
             self._pending.add(row.request_id)
         return True
 
+    def record_shadow(self, row: ShadowRecord) -> bool:
+        """Queue a differing shadow decision; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            with self._lock:
+                self.counters.dropped += 1
+            return False
+        return True
+
     def feedback(self, item: Feedback) -> None:
         """Queue feedback on a logged request. Raises NotFound when the request id is neither
         queued nor in the store (blocking: call it off the event loop)."""
@@ -140,9 +150,12 @@ class DecisionLog:
     def _write(self, items: list[object]) -> None:
         decisions = [i for i in items if isinstance(i, DecisionRecord)]
         feedback = [i for i in items if isinstance(i, Feedback)]
+        shadows = [i for i in items if isinstance(i, ShadowRecord)]
         flushes = [i for i in items if isinstance(i, threading.Event)]
         if decisions and self._insert(self.store.insert_decisions, decisions):
             self.counters.written += len(decisions)
+        if shadows and self._insert(self.store.insert_shadow, shadows):
+            self.counters.written += len(shadows)
         if feedback and self._insert(self.store.insert_feedback, feedback):
             self.counters.feedback += len(feedback)
         with self._lock:

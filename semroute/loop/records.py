@@ -43,6 +43,28 @@ class DecisionRecord:
 
 
 @dataclass(frozen=True)
+class ShadowRecord:
+    """A shadow decision that differed from the served one, written by the router (which knows
+    it only after the answer has left): join it to ``decisions`` on ``request_id``."""
+
+    request_id: str
+    ts: float
+    serving_version: str
+    candidate_version: str
+    route: str
+    target: str
+    confidence: float
+    fallback: bool
+    shadow_route: str
+    shadow_target: str
+    shadow_confidence: float
+    shadow_fallback: bool
+    query_sha256: str = ""
+    query_chars: int = 0
+    query_text: str | None = None
+
+
+@dataclass(frozen=True)
 class Feedback:
     """A client's score in [0, 1] for the answer to ``request_id`` (``target``: which answer,
     when the client knows; defaults to the one that answered)."""

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from semroute.errors import ConfigError
-from semroute.loop.records import DecisionRecord, Feedback
+from semroute.loop.records import DecisionRecord, Feedback, ShadowRecord
 
 _DECISION_COLUMNS = tuple(f.name for f in dataclasses.fields(DecisionRecord))
 _FEEDBACK_COLUMNS = tuple(f.name for f in dataclasses.fields(Feedback))
+_SHADOW_COLUMNS = tuple(f.name for f in dataclasses.fields(ShadowRecord))
 _BOOL_COLUMNS = {"fallback", "explored"}
 
 _SCHEMA = (
@@ -37,6 +38,15 @@ _SCHEMA = (
         request_id TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, ts DOUBLE PRECISION NOT NULL,
         target TEXT, comment TEXT)""",
     "CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id)",
+    # Written by a router in shadow mode: decisions of the candidate that differed.
+    """CREATE TABLE IF NOT EXISTS shadow_decisions (
+        request_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, serving_version TEXT NOT NULL,
+        candidate_version TEXT NOT NULL, route TEXT NOT NULL, target TEXT NOT NULL,
+        confidence DOUBLE PRECISION NOT NULL, fallback BOOLEAN NOT NULL,
+        shadow_route TEXT NOT NULL, shadow_target TEXT NOT NULL,
+        shadow_confidence DOUBLE PRECISION NOT NULL, shadow_fallback BOOLEAN NOT NULL,
+        query_sha256 TEXT NOT NULL, query_chars INTEGER NOT NULL, query_text TEXT)""",
+    "CREATE INDEX IF NOT EXISTS shadow_decisions_ts ON shadow_decisions (ts)",
 )
 
 
@@ -77,6 +87,30 @@ class SqlStore:
         with self._lock:
             self._executemany(sql, values)
             self._conn.commit()
+
+    def insert_shadow(self, rows: Sequence[ShadowRecord]) -> None:
+        if not rows:
+            return
+        values = [tuple(getattr(r, c) for c in _SHADOW_COLUMNS) for r in rows]
+        marks = ", ".join([self.placeholder] * len(_SHADOW_COLUMNS))
+        sql = f"INSERT INTO shadow_decisions ({', '.join(_SHADOW_COLUMNS)}) VALUES ({marks})"
+        with self._lock:
+            self._executemany(sql, values)
+            self._conn.commit()
+
+    def shadow_decisions(self, since: float = 0.0) -> list[ShadowRecord]:
+        """Differing shadow decisions at or after ``since``, oldest first."""
+        sql = (
+            f"SELECT {', '.join(_SHADOW_COLUMNS)} FROM shadow_decisions "
+            f"WHERE ts >= {self.placeholder} ORDER BY ts, request_id"
+        )
+        out = []
+        for row in self._query(sql, (since,)):
+            fields = dict(zip(_SHADOW_COLUMNS, row, strict=True))
+            fields["fallback"] = bool(fields["fallback"])
+            fields["shadow_fallback"] = bool(fields["shadow_fallback"])
+            out.append(ShadowRecord(**fields))
+        return out
 
     def has_decision(self, request_id: str) -> bool:
         with self._lock:
@@ -119,6 +153,7 @@ class SqlStore:
                 f"DELETE FROM feedback WHERE request_id IN "
                 f"(SELECT request_id FROM decisions WHERE ts < {p})", (before,)
             )
+            self._conn.execute(f"DELETE FROM shadow_decisions WHERE ts < {p}", (before,))
             cur = self._conn.execute(f"DELETE FROM decisions WHERE ts < {p}", (before,))
             deleted = int(cur.rowcount or 0)
             self._conn.commit()

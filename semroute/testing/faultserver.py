@@ -498,12 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="normal")
     parser.add_argument("--chunks", type=int, default=4, help="content chunks per answer")
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--delay", type=float, default=0.0, help="slow: before the first chunk")
     parser.add_argument("--model", default="fault-model")
     args = parser.parse_args(argv)
     spec = FaultSpec(
         args.mode,
         chunks=tuple(f"tok{i} " for i in range(args.chunks)),
         chunk_delay_s=args.chunk_delay,
+        delay_s=args.delay,
     )
     server = FaultServer(spec, model=args.model, port=args.port)
     server.start()

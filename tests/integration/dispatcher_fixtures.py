@@ -98,7 +98,8 @@ async def make_stack(
 ) -> AsyncIterator[StackFactory]:
     """Build a dispatcher + gRPC server + client. Keyword arguments: ``rules`` (RuleEngine),
     ``environ`` (cloud keys; default: the test key set), ``timeouts``, ``max_concurrency``,
-    ``router`` (default: the real in-process router), ``sink`` (a decision sink), ``clock``
+    ``router`` (default: the real in-process router), ``sink`` (a decision sink), ``ledger``
+    (a factory ``(configs, metrics) -> Ledger``: cache, budgets, accounting), ``clock``
     (the backends' breakers read it: tests move time instead of sleeping) and any
     DispatcherSettings field."""
     built: list[tuple[Any, Dispatcher, DispatcherClient]] = []
@@ -112,6 +113,7 @@ async def make_stack(
         router: Any = None,
         sink: Any = None,
         clock: Any = None,
+        ledger: Any = None,
         **dispatcher: Any,
     ) -> Stack:
         values = {"retries": 1, "backoff_s": 0.01, "breaker_failures": 50,
@@ -135,6 +137,7 @@ async def make_stack(
             metrics=metrics,
             rng=random.Random(7),
             sink=sink,
+            ledger=ledger(pool.configs, metrics) if ledger is not None else None,
         )
         server, port = await create_dispatcher_server(settings, disp)
         await server.start()

@@ -14,7 +14,7 @@ import pytest
 
 from semroute.errors import NotFound
 from semroute.loop.decision_log import DecisionLog
-from semroute.loop.records import DecisionRecord, Feedback, query_fields
+from semroute.loop.records import DecisionRecord, Feedback, ShadowRecord, query_fields
 from semroute.loop.store import SqlStore, open_store
 from semroute.testing.postgres import PostgresServer, find_binary, start_postgres
 
@@ -50,6 +50,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     with store._lock:  # a clean slate per test on the shared server
         store._conn.execute("DROP TABLE IF EXISTS decisions")
         store._conn.execute("DROP TABLE IF EXISTS feedback")
+        store._conn.execute("DROP TABLE IF EXISTS shadow_decisions")
         store._conn.commit()
     store.close()
     return server.url
@@ -95,6 +96,27 @@ def test_retention_purges_old_rows(store_url: str) -> None:
     assert log.flush()
     assert [r.request_id for r in log.store.decisions()] == ["req-2", "req-3"]
     assert log.counters.purged == 1
+    log.close()
+
+
+def test_shadow_rows_round_trip_and_are_purged(store_url: str) -> None:
+    """Differing shadow decisions (written by a router) come back equal, beside the
+    dispatcher's rows and not mixed with them, and age out with the retention."""
+    now = 100 * 86400.0
+    log = DecisionLog(open_store(store_url), retention_days=1, clock=lambda: now)
+    rows = [
+        ShadowRecord(f"req-{i}", now - 60 * (3 - i), "v1", "v2", "code", "a", 0.9, False,
+                     "math", "b", 0.7, i == 1, **query_fields(f"q{i}", keep_text=i == 2))
+        for i in range(3)
+    ]
+    old = ShadowRecord("old", now - 3 * 86400, "v1", "v2", "code", "a", 0.9, False, "math",
+                       "b", 0.7, False)
+    assert all(log.record_shadow(r) for r in [old, *rows])
+    log.record(_row(1, ts=now - 30))
+    assert log.flush() and log.flush()  # the writer purges after a write; the 2nd waits for it
+    assert log.store.shadow_decisions() == rows  # "old" is past the retention: purged
+    assert [d.request_id for d in log.store.decisions()] == ["req-1"]
+    assert rows[2].query_text == "q2" and rows[0].query_text is None
     log.close()
 
 

@@ -143,3 +143,55 @@ async def test_close_answers_waiting_callers_not_ready() -> None:
     assert (await first).route == "first"
     with pytest.raises(NotReady):
         await waiting
+
+
+class InlineRunner:
+    """The synchronous runner of the inline path: records the texts it routed."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, router: Any, queries: list[Query]) -> list[Decision]:
+        self.texts.extend(q.text for q in queries)
+        return [_decision(q.text) for q in queries]
+
+
+async def test_lone_calls_run_inline_after_a_quiet_probe_and_probe_again() -> None:
+    """Sequential lone calls: the first runs on the thread path (a probe that nobody interrupts),
+    the next ``inline_after_probe`` run inline on the loop, then another probe; every caller
+    gets its own decision either way."""
+    runner, inline = Runner(), InlineRunner()
+    coalescer = await _coalescer(runner, run_inline=inline, inline_after_probe=2)
+    try:
+        got = [(await coalescer.submit(ROUTER, Query(f"q{i}"))).route for i in range(6)]
+    finally:
+        await coalescer.close()
+    assert got == [f"q{i}" for i in range(6)]
+    assert runner.batches == [["q0"], ["q3"]]
+    assert inline.texts == ["q1", "q2", "q4", "q5"]
+    assert coalescer.inline_runs == 4
+
+
+async def test_a_call_that_finds_the_service_busy_ends_inline_runs() -> None:
+    """A probe during which another call arrives grants no inline runs: the burst is batched
+    on the thread path, and the next lone call probes again instead of running inline."""
+    runner, inline = Runner(), InlineRunner()
+    coalescer = await _coalescer(runner, run_inline=inline, inline_after_probe=4)
+    try:
+        await coalescer.submit(ROUTER, Query("probe"))  # quiet: 4 inline runs granted
+        for name in ("inline", "inline-2", "inline-3", "inline-4"):
+            await coalescer.submit(ROUTER, Query(name))
+        runner.gate = asyncio.Event()  # the next probe stays open until the burst is queued
+        runner.started.clear()
+        probe = asyncio.create_task(coalescer.submit(ROUTER, Query("probe-2")))
+        await runner.started.wait()
+        burst = [asyncio.create_task(coalescer.submit(ROUTER, Query(f"b{i}"))) for i in range(3)]
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await asyncio.gather(probe, *burst)
+        runner.gate = None
+        await coalescer.submit(ROUTER, Query("after"))
+    finally:
+        await coalescer.close()
+    assert inline.texts == ["inline", "inline-2", "inline-3", "inline-4"]
+    assert runner.batches[-3:] == [["probe-2"], ["b0", "b1", "b2"], ["after"]]

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # ``semroute`` itself is the core's public face (``from semroute import Router``).
     ("core", ("semroute", "semroute.exemplars", "semroute.encoder", "semroute.index", "semroute.decision",
               "semroute.router", "semroute.projection", "semroute.export", "semroute.tune",
-              "semroute.abstain")),
+              "semroute.abstain", "semroute.encoder_tune")),
     ("dispatch", ("semroute.dispatch",)),
     ("loop", ("semroute.loop",)),
     ("grpc", ("semroute.grpc",)),

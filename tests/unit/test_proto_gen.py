@@ -79,4 +79,10 @@ def test_router_contract_field_names() -> None:
             "neighbors", "index_version"} <= resp
     service = pb.DESCRIPTOR.services_by_name["Router"]
     assert service.full_name == "semroute.v1.Router"
-    assert set(service.methods_by_name) == {"Route", "RouteBatch", "GetIndexInfo", "ReloadIndex"}
+    assert set(service.methods_by_name) == {"Route", "RouteBatch", "GetIndexInfo", "ReloadIndex",
+                                            "SetCandidate"}
+    # Shadow and A/B (issue 13): added fields, never renumbered.
+    assert req["ab_key"].number == 5
+    assert pb.RouteResponse.DESCRIPTOR.fields_by_name["arm"].number == 10
+    info = pb.GetIndexInfoResponse.DESCRIPTOR.fields_by_name
+    assert (info["candidate"].number, info["candidate_mode"].number) == (2, 3)

@@ -54,20 +54,22 @@ class ChatRequest(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., overrides: _Optional[_Union[RoutingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ChatDecision(_message.Message):
-    __slots__ = ("route", "target", "confidence", "reason", "fallback", "chain")
+    __slots__ = ("route", "target", "confidence", "reason", "fallback", "chain", "cache")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     route: str
     target: str
     confidence: float
     reason: str
     fallback: bool
     chain: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., reason: _Optional[str] = ..., fallback: _Optional[bool] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
+    cache: str
+    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., reason: _Optional[str] = ..., fallback: _Optional[bool] = ..., chain: _Optional[_Iterable[str]] = ..., cache: _Optional[str] = ...) -> None: ...
 
 class ChatDelta(_message.Message):
     __slots__ = ("text",)
@@ -76,7 +78,7 @@ class ChatDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ChatDone(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "target", "attempts", "ttft_s")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "target", "attempts", "ttft_s", "cache", "counterfactual_cost_usd")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +86,8 @@ class ChatDone(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    COUNTERFACTUAL_COST_USD_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -91,7 +95,9 @@ class ChatDone(_message.Message):
     target: str
     attempts: int
     ttft_s: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., ttft_s: _Optional[float] = ...) -> None: ...
+    cache: str
+    counterfactual_cost_usd: float
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., target: _Optional[str] = ..., attempts: _Optional[int] = ..., ttft_s: _Optional[float] = ..., cache: _Optional[str] = ..., counterfactual_cost_usd: _Optional[float] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
     __slots__ = ("decision", "delta", "done")

@@ -20,16 +20,18 @@ class Policy(_message.Message):
     def __init__(self, allowed_targets: _Optional[_Iterable[str]] = ..., require_local: _Optional[bool] = ..., max_cost: _Optional[float] = ..., quality_tolerance: _Optional[float] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("query", "history", "policy", "explain")
+    __slots__ = ("query", "history", "policy", "explain", "ab_key")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    AB_KEY_FIELD_NUMBER: _ClassVar[int]
     query: str
     history: _containers.RepeatedScalarFieldContainer[str]
     policy: Policy
     explain: bool
-    def __init__(self, query: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., explain: _Optional[bool] = ...) -> None: ...
+    ab_key: str
+    def __init__(self, query: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., explain: _Optional[bool] = ..., ab_key: _Optional[str] = ...) -> None: ...
 
 class Neighbor(_message.Message):
     __slots__ = ("id", "text", "label", "similarity")
@@ -44,7 +46,7 @@ class Neighbor(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., label: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("route", "target", "confidence", "fallback", "reason", "scores", "targets", "neighbors", "index_version")
+    __slots__ = ("route", "target", "confidence", "fallback", "reason", "scores", "targets", "neighbors", "index_version", "arm")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,7 @@ class RouteResponse(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     route: str
     target: str
     confidence: float
@@ -70,7 +73,8 @@ class RouteResponse(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[str]
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     index_version: str
-    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., fallback: _Optional[bool] = ..., reason: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., targets: _Optional[_Iterable[str]] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ...) -> None: ...
+    arm: str
+    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., fallback: _Optional[bool] = ..., reason: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., targets: _Optional[_Iterable[str]] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class RouteBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -113,10 +117,16 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("index",)
+    __slots__ = ("index", "candidate", "candidate_mode", "candidate_share")
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
     index: IndexInfo
-    def __init__(self, index: _Optional[_Union[IndexInfo, _Mapping]] = ...) -> None: ...
+    candidate: IndexInfo
+    candidate_mode: str
+    candidate_share: float
+    def __init__(self, index: _Optional[_Union[IndexInfo, _Mapping]] = ..., candidate: _Optional[_Union[IndexInfo, _Mapping]] = ..., candidate_mode: _Optional[str] = ..., candidate_share: _Optional[float] = ...) -> None: ...
 
 class ReloadIndexRequest(_message.Message):
     __slots__ = ("path",)
@@ -137,3 +147,35 @@ class ReloadIndexResponse(_message.Message):
     index: IndexInfo
     previous_version: str
     def __init__(self, ok: _Optional[bool] = ..., changed: _Optional[bool] = ..., error: _Optional[str] = ..., index: _Optional[_Union[IndexInfo, _Mapping]] = ..., previous_version: _Optional[str] = ...) -> None: ...
+
+class SetCandidateRequest(_message.Message):
+    __slots__ = ("mode", "path", "share")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    path: str
+    share: float
+    def __init__(self, mode: _Optional[str] = ..., path: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+
+class RouteAgreement(_message.Message):
+    __slots__ = ("route", "compared", "agreed")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    compared: int
+    agreed: int
+    def __init__(self, route: _Optional[str] = ..., compared: _Optional[int] = ..., agreed: _Optional[int] = ...) -> None: ...
+
+class SetCandidateResponse(_message.Message):
+    __slots__ = ("mode", "share", "candidate", "agreement")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    share: float
+    candidate: IndexInfo
+    agreement: _containers.RepeatedCompositeFieldContainer[RouteAgreement]
+    def __init__(self, mode: _Optional[str] = ..., share: _Optional[float] = ..., candidate: _Optional[_Union[IndexInfo, _Mapping]] = ..., agreement: _Optional[_Iterable[_Union[RouteAgreement, _Mapping]]] = ...) -> None: ...

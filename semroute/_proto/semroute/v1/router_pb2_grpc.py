@@ -55,6 +55,11 @@ class RouterStub:
                 request_serializer=semroute_dot_v1_dot_router__pb2.ReloadIndexRequest.SerializeToString,
                 response_deserializer=semroute_dot_v1_dot_router__pb2.ReloadIndexResponse.FromString,
                 _registered_method=True)
+        self.SetCandidate = channel.unary_unary(
+                '/semroute.v1.Router/SetCandidate',
+                request_serializer=semroute_dot_v1_dot_router__pb2.SetCandidateRequest.SerializeToString,
+                response_deserializer=semroute_dot_v1_dot_router__pb2.SetCandidateResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -89,6 +94,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCandidate(self, request, context):
+        """Set, change or remove the candidate index served beside the current one (shadow or A/B).
+        The candidate is loaded and checked in full before it takes any traffic; a failure leaves
+        the arms as they were. Needs an admin token when auth is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ReloadIndex,
                     request_deserializer=semroute_dot_v1_dot_router__pb2.ReloadIndexRequest.FromString,
                     response_serializer=semroute_dot_v1_dot_router__pb2.ReloadIndexResponse.SerializeToString,
+            ),
+            'SetCandidate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCandidate,
+                    request_deserializer=semroute_dot_v1_dot_router__pb2.SetCandidateRequest.FromString,
+                    response_serializer=semroute_dot_v1_dot_router__pb2.SetCandidateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class Router:
             '/semroute.v1.Router/ReloadIndex',
             semroute_dot_v1_dot_router__pb2.ReloadIndexRequest.SerializeToString,
             semroute_dot_v1_dot_router__pb2.ReloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCandidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semroute.v1.Router/SetCandidate',
+            semroute_dot_v1_dot_router__pb2.SetCandidateRequest.SerializeToString,
+            semroute_dot_v1_dot_router__pb2.SetCandidateResponse.FromString,
             options,
             channel_credentials,
             insecure,

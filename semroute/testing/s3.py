@@ -1,0 +1,77 @@
+"""A throwaway S3-compatible server for tests: moto's ``moto_server`` (PyPI ``moto[server]``, a
+dev dependency) on a free loopback port, in memory, dying with its parent (PR_SET_PDEATHSIG).
+
+``env`` holds what boto3 needs to talk to it (endpoint, dummy credentials, region), for this
+process (``os.environ.update``) or a child's environment.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from semroute.errors import StackError
+from semroute.testing.devstack import LOOPBACK, die_with_parent, free_port
+
+
+@dataclass
+class S3Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_s3(timeout: float = 30.0) -> S3Server:
+    """Start ``moto_server``; StackError saying what is missing or what failed."""
+    binary = Path(sys.executable).parent / "moto_server"
+    if not binary.exists():
+        raise StackError("moto_server is not installed: run `make setup` (PyPI moto[server])")
+    directory = Path(tempfile.mkdtemp(prefix="semroute-s3-"))
+    port = free_port()
+    log_path = directory / "moto.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(binary), "-H", LOOPBACK, "-p", str(port)], stdout=log_file,
+            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+        )
+    server = S3Server(f"http://{LOOPBACK}:{port}", process, directory)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = log_path.read_text(errors="replace")[-800:]
+            server.stop()
+            raise StackError(f"moto_server exited with {process.returncode}: {text}")
+        try:
+            if httpx.get(server.url, timeout=1.0, trust_env=False).status_code < 500:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise StackError(f"moto_server did not answer on {server.url} within {timeout:g} s")
