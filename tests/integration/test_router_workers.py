@@ -46,10 +46,20 @@ def _free_port() -> int:
 
 
 def _children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` that are router workers (other fixtures of the session,
+    such as a database server, are children of the test process too)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         found.update(int(c) for c in (task / "children").read_text().split())
-    return found
+    return {c for c in found if _is_worker(c)}
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    return b"run_router_worker" in cmdline
 
 
 def _alive(pid: int) -> bool:
