@@ -250,6 +250,33 @@ def wait_until(proc: ManagedProcess, ready: Any, timeout: float, what: str) -> N
     raise proc.fail(f"not {what} within {timeout:g} s")
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> None:
+    """Send ``sig`` to a server started by a test helper, SIGKILL it after ``timeout``, reap it."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def await_server(process: subprocess.Popen[bytes], ready: Callable[[], bool], log: Path,
+                 what: str, timeout: float, poll: float = 0.05) -> None:
+    """Poll ``ready()`` until True. StackError with the log's tail if ``process`` exits first,
+    or naming ``what`` and the timeout; the caller stops the server on error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = log.read_text(errors="replace")[-800:]
+            raise StackError(f"{what} exited with {process.returncode}: {text}")
+        if ready():
+            return
+        time.sleep(poll)
+    raise StackError(f"{what} did not answer within {timeout:g} s")
+
+
 def _http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1.0, trust_env=False).status_code == 200

@@ -16,13 +16,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from semroute.errors import StackError
-from semroute.testing.devstack import die_with_parent, free_port
+from semroute.testing.devstack import await_server, die_with_parent, free_port, stop_process
 
 
 def find_binary(name: str) -> Path | None:
@@ -45,13 +44,7 @@ class PostgresServer:
     directory: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # "fast" shutdown
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, signal.SIGINT)  # SIGINT: postgres's "fast" shutdown
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -93,18 +86,15 @@ def start_postgres(timeout: float = 30.0) -> PostgresServer:
     log_file.close()
     server = PostgresServer(f"postgresql://{user}@127.0.0.1:{port}/postgres", port, process,
                             directory)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = (directory / "postgres.log").read_text(errors="replace")[-800:]
-            server.stop()
-            raise StackError(f"postgres exited with {process.returncode}: {text}")
-        text = (directory / "postgres.log").read_text(errors="replace")
-        if "ready to accept connections" in text:
-            return server
-        time.sleep(0.05)
-    server.stop()
-    raise StackError(f"postgres did not listen on 127.0.0.1:{port} within {timeout:g} s")
+    log = directory / "postgres.log"
+    try:
+        await_server(process,
+                     lambda: "ready to accept connections" in log.read_text(errors="replace"),
+                     log, f"postgres on 127.0.0.1:{port}", timeout)
+    except StackError:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager

@@ -15,13 +15,18 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from semroute.errors import StackError
-from semroute.testing.devstack import LOOPBACK, die_with_parent, free_port
+from semroute.testing.devstack import (
+    LOOPBACK,
+    await_server,
+    die_with_parent,
+    free_port,
+    stop_process,
+)
 
 
 @dataclass
@@ -41,12 +46,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.resume()
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -78,17 +78,13 @@ def start_redis(timeout: float = 20.0) -> RedisServer:
     )
     log_file.close()
     server = RedisServer(f"redis://{LOOPBACK}:{port}/0", port, process, directory)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = log_path.read_text(errors="replace")[-800:]
-            server.stop()
-            raise StackError(f"redis-server exited with {process.returncode}: {text}")
-        if _answers(port):
-            return server
-        time.sleep(0.02)
-    server.stop()
-    raise StackError(f"redis-server did not answer on {LOOPBACK}:{port} within {timeout:g} s")
+    try:
+        await_server(process, lambda: _answers(port), log_path,
+                     f"redis-server on {LOOPBACK}:{port}", timeout, poll=0.02)
+    except StackError:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager

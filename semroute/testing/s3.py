@@ -11,14 +11,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from semroute.errors import StackError
-from semroute.testing.devstack import LOOPBACK, die_with_parent, free_port
+from semroute.testing.devstack import (
+    LOOPBACK,
+    await_server,
+    die_with_parent,
+    free_port,
+    stop_process,
+)
 
 
 @dataclass
@@ -37,13 +42,7 @@ class S3Server:
         }
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -61,17 +60,16 @@ def start_s3(timeout: float = 30.0) -> S3Server:
             stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
         )
     server = S3Server(f"http://{LOOPBACK}:{port}", process, directory)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = log_path.read_text(errors="replace")[-800:]
-            server.stop()
-            raise StackError(f"moto_server exited with {process.returncode}: {text}")
+    def answers() -> bool:
         try:
-            if httpx.get(server.url, timeout=1.0, trust_env=False).status_code < 500:
-                return server
+            return httpx.get(server.url, timeout=1.0, trust_env=False).status_code < 500
         except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise StackError(f"moto_server did not answer on {server.url} within {timeout:g} s")
+            return False
+
+    try:
+        await_server(process, answers, log_path, f"moto_server on {server.url}", timeout,
+                     poll=0.1)
+    except StackError:
+        server.stop()
+        raise
+    return server
