@@ -10,15 +10,15 @@ How (the figures behind each choice are in docs/EVAL.md, "Encoder tuning"):
   row of its label) and one mined hard negative (its nearest exemplar of another label under the
   starting encoder); the other anchors' positives and negatives are in-batch negatives, and a
   batch never holds two anchors of one label, so no negative is a false one. ``loss="supcon"``
-  is the alternative measured against it: label-balanced batches where every other row of the
-  anchor's label is a positive. On 3,000 Banking77 rows (held-out 301, one epoch, learning rate
-  2e-5): mnrl 0.900 -> 0.924, supcon 0.900 -> 0.914 (and 0.921 -> 0.902 on the full set with a
-  learning rate of 5e-5, two epochs): mnrl is the default although it embeds three texts per
-  anchor to supcon's one.
+  is the alternative: label-balanced batches where every other row of the anchor's label is a
+  positive; it embeds one text per anchor to mnrl's three. mnrl is the default on a small
+  comparison on Banking77 rows (not yet a script in the repository; see docs/EVAL.md for the
+  figures that are).
 - **Outcome exemplars** (per-target scores): a soft contrastive loss. The target distribution of
   each anchor over the batch comes from how alike the rows' score vectors are (one minus the mean
-  absolute difference), so rows on which the same models succeed move together; the neighbours
-  of a query then predict its per-target quality better.
+  absolute difference), so rows on which the same models succeed move together, meant to make a
+  query's neighbours better predictors of its per-target quality (docs/EVAL.md has what it
+  measured on LLMRouter).
 - **Guard rail**: a stratified held-out share of the exemplars is embedded by the starting and the
   tuned model (fp32, in torch) and routed by kNN against the rest; ``tune`` reports both and the
   CLI refuses a tuned model that is not better unless ``--keep-anyway``.

@@ -32,7 +32,7 @@ def register(top: Any, groups: dict[str, Any]) -> None:
         "--loss", choices=LOSSES, default=defaults.loss,
         help="labelled sets: mnrl (the default: one positive and one mined hard negative per "
         "anchor, in-batch negatives) or supcon (label-balanced batches, every same-label row a "
-        "positive; faster, less accurate: see docs/EVAL.md). Outcome sets always use the "
+        "positive; a third of the compute per anchor). Outcome sets always use the "
         "score-weighted soft loss",
     )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
