@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 DURATION_S = float(os.environ.get("SEMROUTE_CLUSTER_TEST_S", "40"))
 CHUNKS = 8
 FULL_ANSWER = "".join(f"tok{i} " for i in range(CHUNKS))
+CLIENTS = 16
 LLM_DELAY_S = 0.3
 
 
@@ -69,10 +70,18 @@ def _build_v2(out: Path) -> Path:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not (REPO / DEFAULT_INDEX_DIR / "current").exists():
         pytest.fail("the cluster test needs the default index: run `make setup`")
+    # The stack's backends.yaml sizes local backends for llama.cpp (4 in flight); the fault
+    # servers here take the whole load, which doubles on one dispatcher once the other is
+    # killed, so every backend takes the test's 16 clients (no ConcurrencyLimited 429s).
+    backends = yaml.safe_load((REPO / "deploy" / "backends.yaml").read_text())
+    for entry in backends["backends"].values():
+        entry["max_concurrency"] = 2 * CLIENTS
+    template = tmp_path_factory.mktemp("backends") / "backends.yaml"
+    template.write_text(yaml.safe_dump(backends, sort_keys=False))
     options = ClusterOptions(
         routers=3, dispatchers=2, llm_delay_s=LLM_DELAY_S, llm_chunks=CHUNKS,
         llm_chunk_delay_s=0.15, scrape_interval_s=1.0,
-        backends_template=REPO / "deploy" / "backends.yaml",
+        backends_template=template,
         settings_template=REPO / "deploy" / "stack.yaml",
     )
     with Cluster.start(tmp_path_factory.mktemp("cluster"), index=REPO / DEFAULT_INDEX_DIR,
@@ -116,7 +125,7 @@ def test_replicas_fail_and_upgrade_under_load_without_failed_calls(
     assert v1 != v2
 
     door0 = f"127.0.0.1:{cluster.dispatchers[0].http_port}"
-    load = Load(cluster.router_address, cluster.http_url, clients=16)
+    load = Load(cluster.router_address, cluster.http_url, clients=CLIENTS)
     t0 = time.monotonic()
     load.start()
     try:
