@@ -1,6 +1,7 @@
 """Do routing decisions survive a change of CPU? int8 vs fp32, AVX-512/VNNI vs AVX2-only.
 
     .venv/bin/python scripts/bench_portability.py [--limit N] [--no-variants] [--no-write]
+        [--variants NAME,NAME] [--variants-native-only]
 
 On Banking77 (train = exemplars, test = queries; the kNN vote of ``semroute.decision``: k=10,
 T=0.05, null similarity 0.35) it measures, for the fp32 export (the reference) and int8 exports:
@@ -11,11 +12,13 @@ T=0.05, null similarity 0.35) it measures, for the fp32 export (the reference) a
 - the starter probes (index_data/probes.csv over index_data/exemplars.csv): the smallest vote
   margin and how many are under the `index lint --probes` bound.
 
-int8 exports: the served one (``semroute encoder export --int8``: u8s8, int8 weights per output
-channel), and, unless ``--no-variants``, the same fused graph quantised with ``reduce_range``
-(7-bit weights), with uint8 weights (u8u8), and u8u8 with the attention or the FFN
-down-projections left in fp32, to see whether any brings int8 closer to fp32 and the two CPUs
-closer to each other.
+int8 exports: the served one (``semroute encoder export --int8``, ``SERVED_RECIPE`` of
+``semroute.export``), and, unless ``--no-variants``, the same fused graph quantised with the
+other recipes of ``variant_recipes`` (``--variants`` picks some): the served recipe before issue
+17 (7-bit s8 weights, nothing else), uint8 weights (u8u8), some MatMuls left in fp32 (the FFN
+down-projections, the most sensitive one, the last layer), fp32 embeddings, and each half of
+the served recipe alone, to see which bring int8 closer to fp32 and the two CPUs closer to
+each other.
 
 The AVX2-only CPU is simulated on this machine: onnxruntime picks its int8 kernels (MLAS) from
 CPUID when it loads, and has no setting or environment variable to cap the instruction set, so
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -40,10 +44,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import benchlib
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from semroute.export import Int8Recipe
 
 ROOT = benchlib.ROOT
 DOC = ROOT / "docs" / "RELIABILITY.md"
@@ -149,52 +157,73 @@ def build_shim(workdir: Path) -> Path | None:
 # ---- encoders -----------------------------------------------------------------------------------
 
 
-def build_variants(workdir: Path) -> dict[str, Path]:
+FFN_DOWN = tuple(f"/transformer/encoder/layer.{i}/output/dense/MatMul" for i in range(6))
+LAST_LAYER = (
+    "Attention_5", "/transformer/encoder/layer.5/attention/output/dense/MatMul",
+    "/transformer/encoder/layer.5/intermediate/dense/MatMul", FFN_DOWN[5],
+)
+
+
+def variant_recipes() -> dict[str, Int8Recipe]:
+    """The int8 settings compared with the served one (``SERVED_RECIPE``), by row name."""
+    from semroute.export import SERVED_RECIPE as served
+
+    plain = dataclasses.replace(served, smoothing=None, outlier_channels=0)
+    u8u8 = dataclasses.replace(plain, weight_type="u8", reduce_range=False)
+    return {
+        # The served export before issue 17's part 1 (7-bit s8 weights, nothing else).
+        "int8 s8 (served before)": plain,
+        "int8 u8u8": u8u8,
+        # The fused Attention ops (their QKV projections) and the embeddings left in fp32.
+        "int8 u8u8 attention-fp32": dataclasses.replace(u8u8, attention=False, embeddings=False),
+        # Each layer's FFN down-projection (input: the GELU output, the widest-ranged
+        # activations) left in fp32.
+        "int8 u8u8 ffn-out-fp32": dataclasses.replace(u8u8, keep_fp32=FFN_DOWN),
+        "int8 s8 ffn-out-fp32": dataclasses.replace(plain, keep_fp32=FFN_DOWN),
+        # The single MatMul whose int8 error costs most (a sweep quantising all but one).
+        "int8 s8 layer-0-ffn-out-fp32": dataclasses.replace(plain, keep_fp32=FFN_DOWN[:1]),
+        "int8 s8 last-layer-fp32": dataclasses.replace(plain, keep_fp32=LAST_LAYER),
+        "int8 s8 embeddings-fp32": dataclasses.replace(plain, embeddings=False),
+        # The served recipe's two parts, each alone, and the whole with fp32 embeddings.
+        "int8 s8 smoothed-attention": dataclasses.replace(served, outlier_channels=0),
+        "int8 s8 outlier-channels-fp32": dataclasses.replace(served, smoothing=None),
+        "int8 served recipe + fp32 embeddings": dataclasses.replace(served, embeddings=False),
+    }
+
+
+def build_variants(workdir: Path, names: list[str]) -> dict[str, Path]:
     """int8 variants of the served export: the fused fp32 graph is captured from a fresh
     ``export_encoder(int8=True)`` (deterministic: same fingerprint as the served one) and
-    quantised again with other settings."""
-    import onnxruntime.quantization as quant
-    from onnxruntime.quantization import QuantType
+    quantised again with each recipe of ``names``."""
+    import semroute.export as export
 
-    from semroute.export import export_encoder
+    recipes = variant_recipes()
+    captured = workdir / "fused.onnx"
+    original = export.quantize_fused
 
-    fused = workdir / "fused.onnx"
-    original = quant.quantize_dynamic
+    def capture(fused: Path, out: Path, tokenizer: Path, recipe: Int8Recipe) -> None:
+        shutil.copyfile(fused, captured)
+        original(fused, out, tokenizer, recipe)
 
-    def capture(model_input: object, model_output: object, **kwargs: object) -> object:
-        shutil.copyfile(str(model_input), fused)
-        return original(model_input, model_output, **kwargs)  # type: ignore[arg-type]
-
-    quant.quantize_dynamic = capture  # type: ignore[assignment]
+    export.quantize_fused = capture
     try:
-        rebuilt = export_encoder(None, workdir / "rebuilt", int8=True)
+        rebuilt = export.export_encoder(None, workdir / "rebuilt", int8=True)
     finally:
-        quant.quantize_dynamic = original
+        export.quantize_fused = original
     served = json.loads((benchlib.ENCODER_DIR / "manifest.json").read_text())["fingerprint"]
     again = json.loads((rebuilt / "manifest.json").read_text())["fingerprint"]
     if served != again:
         print(f"note: the re-export differs from the served encoder ({again[:19]} vs {served[:19]})")
-    settings: dict[str, dict[str, object]] = {
-        "int8 reduce_range": {"weight_type": QuantType.QInt8, "reduce_range": True},
-        "int8 u8u8": {"weight_type": QuantType.QUInt8},
-        # The fused Attention ops (their QKV projections) left in fp32: only MatMul quantised.
-        "int8 u8u8 attention-fp32": {"weight_type": QuantType.QUInt8,
-                                     "op_types_to_quantize": ["MatMul"]},
-        # Each layer's FFN down-projection (input: the GELU output, the widest-ranged
-        # activations) left in fp32.
-        "int8 u8u8 ffn-out-fp32": {"weight_type": QuantType.QUInt8, "nodes_to_exclude": [
-            f"/transformer/encoder/layer.{i}/output/dense/MatMul" for i in range(6)]},
-    }
     out: dict[str, Path] = {}
-    for name, kwargs in settings.items():
+    for name in names:
         folder = workdir / name.replace(" ", "-")
         folder.mkdir(exist_ok=True)
         for file in ("tokenizer.json", "manifest.json"):
             shutil.copyfile(rebuilt / file, folder / file)
-        original(
-            str(fused), str(folder / "model.onnx"), per_channel=True,
-            extra_options={"DefaultTensorType": 1}, **kwargs,  # type: ignore[arg-type]
-        )
+        work = folder / "fused.onnx"  # quantize_fused writes its scratch file beside its input
+        shutil.copyfile(captured, work)
+        original(work, folder / "model.onnx", rebuilt / "tokenizer.json", recipes[name])
+        work.unlink()
         out[name] = folder
     return out
 
@@ -220,34 +249,36 @@ def embed(encoder: Path, texts_file: Path, out: Path, shim: Path | None) -> Vect
     return vectors
 
 
-def latency(encoder: Path, texts_file: Path, shim: Path | None) -> float:
-    """Median ms to embed one query alone on one thread, in a worker (under the shim for the
-    AVX2-only path). Not cached: it depends on the machine's load."""
+def latencies(encoders: list[Path], texts_file: Path, shim: Path | None) -> list[float]:
+    """Median ms to embed one query alone on one thread, for each encoder, in one worker (under
+    the shim for the AVX2-only path). Each text runs on every encoder in turn, so a change in
+    the shared machine's load hits all rows alike. Not cached: it depends on the load."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if shim is not None:
         env["LD_PRELOAD"] = str(shim)
     done = subprocess.run(
-        [sys.executable, __file__, "--latency-worker", str(encoder), str(texts_file)],
+        [sys.executable, __file__, "--latency-worker", str(texts_file), *map(str, encoders)],
         check=True, env=env, capture_output=True, text=True,
     )
-    return float(done.stdout.strip().splitlines()[-1])
+    return [float(x) for x in done.stdout.strip().splitlines()[-1].split()]
 
 
-def latency_worker(encoder_dir: Path, texts_file: Path) -> None:
+def latency_worker(texts_file: Path, encoder_dirs: list[Path]) -> None:
     import statistics
 
     from semroute.encoder import OnnxEncoder
 
     texts = json.loads(texts_file.read_text())[-LATENCY_TEXTS:]
-    encoder = OnnxEncoder.load(encoder_dir, threads=1)
-    for text in texts[:20]:
-        encoder.encode([text])  # warm-up
-    times = []
-    for text in texts:
-        start = time.perf_counter()
-        encoder.encode([text])
-        times.append(time.perf_counter() - start)
-    print(f"{1000 * statistics.median(times):.3f}")
+    encoders = [OnnxEncoder.load(d, threads=1) for d in encoder_dirs]
+    times: list[list[float]] = [[] for _ in encoders]
+    for round_ in range(2):  # the first round warms up and is not counted
+        for text in texts:
+            for encoder, spent in zip(encoders, times, strict=True):
+                start = time.perf_counter()
+                encoder.encode([text])
+                if round_:
+                    spent.append(time.perf_counter() - start)
+    print(" ".join(f"{1000 * statistics.median(spent):.3f}" for spent in times))
 
 
 def worker(encoder_dir: Path, texts_file: Path, out: Path) -> None:
@@ -332,18 +363,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=0, help="first N test queries [all]")
     parser.add_argument("--no-variants", action="store_true",
-                        help="only the served int8 export (no reduce_range / u8u8 re-exports)")
+                        help="only the served int8 export (no re-exports with other recipes)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variant rows to run [all]: "
+                        + ", ".join(variant_recipes()))
+    parser.add_argument("--variants-native-only", action="store_true",
+                        help="the variants on this CPU only (fp32 and the served export: both)")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--worker", nargs=3, metavar=("ENCODER", "TEXTS", "OUT"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--latency-worker", nargs=2, metavar=("ENCODER", "TEXTS"),
+    parser.add_argument("--latency-worker", nargs="+", metavar="TEXTS ENCODER",
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(Path(args.worker[0]), Path(args.worker[1]), Path(args.worker[2]))
         return 0
     if args.latency_worker:
-        latency_worker(Path(args.latency_worker[0]), Path(args.latency_worker[1]))
+        latency_worker(Path(args.latency_worker[0]), [Path(p) for p in args.latency_worker[1:]])
         return 0
 
     started = time.time()
@@ -369,20 +405,27 @@ def main(argv: list[str] | None = None) -> int:
         shim = build_shim(workdir)
         encoders = {"fp32": benchlib.FP32_ENCODER_DIR, "int8 (served)": benchlib.ENCODER_DIR}
         if not args.no_variants:
-            encoders.update(build_variants(workdir))
+            chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+            unknown = sorted(set(chosen) - set(variant_recipes()))
+            if unknown:
+                parser.error(f"--variants: unknown {', '.join(unknown)}")
+            encoders.update(build_variants(workdir, chosen or list(variant_recipes())))
         cpus: dict[str, Path | None] = {"native": None}
         if shim is not None:
             cpus["AVX2-only"] = shim
+        pairs = [
+            (name, cpu) for name in encoders for cpu in cpus
+            if cpu == "native" or not args.variants_native_only
+            or name in ("fp32", "int8 (served)")
+        ]
         vectors = {
-            (name, cpu): embed(path, texts_file, OUT, lib)
-            for name, path in encoders.items()
-            for cpu, lib in cpus.items()
+            (name, cpu): embed(encoders[name], texts_file, OUT, cpus[cpu]) for name, cpu in pairs
         }
-        latencies = {
-            (name, cpu): latency(path, texts_file, lib)
-            for name, path in encoders.items()
-            for cpu, lib in cpus.items()
-        }
+        timed: dict[tuple[str, str], float] = {}
+        for cpu, lib in cpus.items():
+            on_cpu = [name for name, path_cpu in pairs if path_cpu == cpu]
+            found = latencies([encoders[n] for n in on_cpu], texts_file, lib)
+            timed.update({(n, cpu): ms for n, ms in zip(on_cpu, found, strict=True)})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -414,15 +457,17 @@ def main(argv: list[str] | None = None) -> int:
             + (f"{flipped_margins.max():.2f}" if flipped_margins.size else "-")
             + " | "
             + (f"{native.margins[flips_cpu].max():.2f}" if flips_cpu.any() else "-")
-            + f" | {run.probe_min:+.2f} | {run.probes_low} | {latencies[(name, cpu)]:.2f} |"
+            + f" | {run.probe_min:+.2f} | {run.probes_low} | {timed[(name, cpu)]:.2f} |"
         )
     served_avx2 = runs.get(("int8 (served)", "AVX2-only"))
     served_native = runs[("int8 (served)", "native")]
     worst = max(float((r.decisions != fp32.decisions).mean()) for r in runs.values())
     table = "\n".join(rows)
-    command = "`.venv/bin/python scripts/bench_portability.py" + (
-        f" --limit {args.limit}`" if args.limit else "`"
-    )
+    options = [f"--limit {args.limit}"] if args.limit else []
+    options += ["--no-variants"] if args.no_variants else []
+    options += [f"--variants '{args.variants}'"] if args.variants and not args.no_variants else []
+    options += ["--variants-native-only"] if args.variants_native_only else []
+    command = "`" + " ".join([".venv/bin/python scripts/bench_portability.py", *options]) + "`"
     flags = cpu_flags()
     isa = ", ".join(sorted(f for f in flags if f.startswith(("avx512_vnni", "avx_vnni", "amx"))))
     body = f"""## Portability
@@ -439,8 +484,8 @@ T={TEMPERATURE}, null similarity {NULL_SIMILARITY}); a *flip* is a query whose w
 differs. Probes: index_data/probes.csv ({len(probes)} starter-style queries, each with the route it
 must get) over index_data/exemplars.csv; "under bound" counts probes whose vote margin is below
 {PROBE_BOUND} (`semroute index lint --probes`). ms per query: median of {LATENCY_TEXTS} short queries
-embedded one at a time on one thread, one run on a shared machine: compare rows of this table
-only.
+embedded one at a time on one thread, each query on every encoder of a CPU path in turn (one
+process, so the shared machine's load hits all rows alike): compare rows of this table only.
 
 {TABLE_HEAD}
 {table}
@@ -472,18 +517,27 @@ only.
             f"\n- Same decisions on both CPUs: {steady} ({cross[steady]} of {n_test} queries "
             f"differ; the served export: {cross.get('int8 (served)', 0)})."
         )
-    body += """
-- Why the served export moves between CPUs: without VNNI, onnxruntime multiplies uint8
-  activations by int8 weights with 16-bit intermediate sums that can saturate; VNNI (and AMX)
-  accumulate in 32 bits. onnxruntime's own advice (`onnxruntime.quantization.quantize`,
-  "Choosing parameters for CPU inference") is `reduce_range=True` (7-bit weights, which cannot
-  saturate) for CPUs without VNNI; uint8 weights (u8u8) take a kernel without the 16-bit step
-  on every CPU.
-- The flips left against fp32 are int8 rounding itself, on any CPU: Banking77's 77 intents have
-  many near-ties. Decisions that tests assert are kept portable by margin instead: every query
-  the starter tests assert is a probe (`semroute index lint --probes index_data/probes.csv`
-  fails under a vote margin of 0.3), and tests/integration/test_probe_margins.py checks them
-  with both encoders.
+    served_recipe = json.loads((benchlib.ENCODER_DIR / "manifest.json").read_text()).get(
+        "quantization"
+    )
+    body += f"""
+- The served recipe (`semroute.export.SERVED_RECIPE`: {served_recipe}): a few input channels
+  of the model's LayerNorm and GELU outputs run ~10x larger than the rest and set the per-run
+  int8 activation scale; each MatMul computes its 8 largest channels in fp32 (a small extra
+  product), and the attention inputs' large channels are scaled into the weights (SmoothQuant,
+  only s > 1). Both rewrites are exact in fp32; the channels come from activation maxima over
+  a few dozen calibration sentences in `semroute/export.py`.
+- Why 7-bit weights: without VNNI, onnxruntime multiplies uint8 activations by int8 weights
+  with 16-bit intermediate sums that can saturate; VNNI (and AMX) accumulate in 32 bits.
+  7-bit weights (`reduce_range=True`, onnxruntime's advice for CPUs without VNNI in
+  `onnxruntime.quantization.quantize`) cannot saturate, so both paths compute the same
+  integers (8-bit s8 weights flipped 38 of 3,080 decisions between the two paths in an earlier
+  run of this script); uint8 weights (u8u8) avoid the 16-bit step too, but this CPU has no
+  fast u8u8 kernel.
+- The flips left against fp32 are near-ties: Banking77's 77 intents have many. Decisions that
+  tests assert are kept portable by margin instead: every query the starter tests assert is a
+  probe (`semroute index lint --probes index_data/probes.csv` fails under a vote margin of
+  0.3), and tests/integration/test_probe_margins.py checks them with both encoders.
 """
     print(body)
     if not args.no_write:

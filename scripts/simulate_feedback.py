@@ -1,16 +1,20 @@
 """The feedback loop, shown on LLMRouter: start small, serve traffic, collect feedback, learn.
 
-    .venv/bin/python scripts/simulate_feedback.py [--json] [--explore 0.1] [--no-write]
+    .venv/bin/python scripts/simulate_feedback.py [--json] [--explore 0.1] [--rounds 1]
+        [--impute] [--no-write]
 
 1. An outcome index from a seeded 10% of LLMRouter's train split (``before``), and one from all
    of train with every score (``full``: the ceiling of what labels can give).
 2. The rest of train is traffic through the real router, in process: each query is routed by the
    serving index, logged in a SQLite decision log with its text, and given feedback from the
    dataset's score for the served target only (what a user's thumbs-up would say). With
-   ``--explore E`` a share E of queries is served by a uniformly drawn target instead, recorded
-   as explored (how targets that are never chosen still get feedback).
-3. ``learn``: the logged feedback joins the serving exemplars (one known score per row) in a
-   candidate index; the candidate is shadowed on the next traffic (agreement with the serving
+   ``--explore E`` a share E of queries is served by another target instead, chosen as the
+   dispatcher's ``explore_rate`` does (``semroute.explore``: Thompson-drawn among the targets
+   predicted within ``TOLERANCE`` of the chosen one), recorded as explored.
+3. ``learn``: the logged feedback joins the serving exemplars (one known score per row, the
+   other targets unknown; ``--impute`` fills them with the serving index's predictions instead,
+   to measure that) in a candidate index; the candidate is shadowed on the next traffic
+   (agreement with the serving
    decisions, counted per route as the router's shadow mode does, ``semroute.loop.arms``) and
    promoted (``semroute.loop.promote``: the serving root's ``current`` switched to it and the
    promotion recorded in its ``promotions.jsonl``).
@@ -18,7 +22,8 @@
    cost-quality hull, as RouterBench) and the maximum quality.
 
 By default both runs are made, without and with exploration (``--explore`` sets its rate,
-0.1 by default), and docs/LOOP.md gets the table. The last stdout line is JSON:
+0.1 by default), and docs/LOOP.md gets the table. Every text is embedded once (one cached
+encoder shared by the builds, the routers and the evaluations). The last stdout line is JSON:
 ``{"before": {...}, "after": {...}, "full": {...}, "after_explore": {...}, ...}``.
 """
 
@@ -34,15 +39,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchlib import machine, write_section  # noqa: E402
 
 from semroute.config import Settings  # noqa: E402
-from semroute.encoder import OnnxEncoder  # noqa: E402
+from semroute.encoder import CachedEncoder, OnnxEncoder  # noqa: E402
 from semroute.exemplars import read_targets_csv  # noqa: E402
-from semroute.index import build_index, switch_current  # noqa: E402
+from semroute.explore import explore as explore_chain  # noqa: E402
+from semroute.index import ExemplarIndex, build_index, switch_current  # noqa: E402
 from semroute.loop.arms import Agreement  # noqa: E402
 from semroute.loop.decision_log import DecisionLog  # noqa: E402
 from semroute.loop.learn import prepare_learning  # noqa: E402
@@ -52,7 +60,7 @@ from semroute.loop.store import open_store  # noqa: E402
 from semroute.quality.evaluate import evaluate_outcomes  # noqa: E402
 from semroute.quality.testfiles import read_outcome_csv  # noqa: E402
 from semroute.router import Router  # noqa: E402
-from semroute.types import Query  # noqa: E402
+from semroute.types import Encoder, Query  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "llmrouter"
 TOLERANCE = 0.1  # exploration: alternatives within this much predicted quality of the best
@@ -72,18 +80,26 @@ def _write_csv(path: Path, targets: list[str], texts: list[str], scores: Any) ->
     return path
 
 
-def _evaluate(router: Router, test: Path, prices: Any, work: Path) -> dict[str, float]:
+def _evaluate(router: Router, test: Path, prices: Any, work: Path) -> dict[str, Any]:
+    """AIQ and maximum quality on the test split, and why: the mean absolute error of the
+    predicted quality per target, and the decision settings the build's tuning chose."""
     report = evaluate_outcomes(router, test, work, prices).report
+    texts, truth, names = read_outcome_csv(test)
+    decisions = router.route_batch([Query(t) for t in texts])
+    predicted = np.array([[d.scores[t] for t in names] for d in decisions])
+    tuned = router.index.manifest.decision
     return {"aiq": round(float(report.aiq), 4),
-            "max_quality": round(float(report.router_max_quality), 4)}
+            "max_quality": round(float(report.router_max_quality), 4),
+            "mae": round(float(np.nanmean(np.abs(predicted - truth))), 4),
+            "mae_per_target": {t: round(float(np.nanmean(np.abs(predicted[:, j] - truth[:, j]))),
+                                        4) for j, t in enumerate(names)},
+            "tuned": {k: tuned[k] for k in ("k", "use_neighbours", "feedback_shrinkage",
+                                            "feedback_temperature") if k in tuned}}
 
 
-def _explore(chosen: str, predicted: Any, targets: list[str], rng: random.Random) -> str:
-    """Another target whose predicted quality is within TOLERANCE of the best one (a plausible
-    alternative, not any target); the chosen one when there is none."""
-    best = max(predicted.get(t, 0.0) for t in targets)
-    near = [t for t in targets if t != chosen and predicted.get(t, 0.0) >= best - TOLERANCE]
-    return rng.choice(near) if near else chosen
+def _router(path: Path, encoder: Encoder, settings: Settings) -> Router:
+    """A router over ``path`` sharing the one cached encoder (no text is embedded twice)."""
+    return Router(encoder, ExemplarIndex.load(path), settings)
 
 
 def _serve(router: Router, texts: list[str], scores: Any, targets: list[str], log: DecisionLog,
@@ -99,11 +115,10 @@ def _serve(router: Router, texts: list[str], scores: Any, targets: list[str], lo
         decisions = router.route_batch([Query(t) for t in chunk])
         for i, (text, decision) in enumerate(zip(chunk, decisions, strict=True)):
             row = start + i
-            target, was_explored = decision.target, False
-            if explore and rng.random() < explore:
-                target = _explore(decision.target, decision.scores, targets, rng)
-                was_explored = target != decision.target
-                explored += was_explored
+            tried = explore_chain(decision.targets, decision.scores, rate=explore,
+                                  tolerance=TOLERANCE, rng=rng)
+            target, was_explored = tried.chain[0], tried.explored
+            explored += was_explored
             score = float(scores[row][index[target]])
             served_quality.append(score)
             rid = f"sim-{offset + row}"
@@ -119,7 +134,7 @@ def _serve(router: Router, texts: list[str], scores: Any, targets: list[str], lo
             "explored": explored}
 
 
-def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncoder,
+def run(explore: float, args: argparse.Namespace, work: Path, encoder: Encoder,
         start_version: Path, traffic: tuple[list[str], Any], targets: list[str],
         settings: Settings) -> dict[str, Any]:
     """Serve the traffic in ``args.rounds`` rounds; after each, learn from all feedback so far
@@ -136,7 +151,7 @@ def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncod
     agreement: list[float] = []
     learned = 0
     for r in range(args.rounds):
-        serving = Router.load(serving_root, settings)
+        serving = _router(serving_root, encoder, settings)
         part = slice(bounds[r], bounds[r + 1])
         served.append(_serve(serving, texts[part], scores[part], targets, log, explore, rng,
                              offset=bounds[r]))
@@ -154,7 +169,7 @@ def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncod
         )
         # shadow: the candidate decides the next round's traffic next to the serving index
         upcoming = texts[bounds[r + 1]: bounds[r + 1] + 500] or texts[:500]
-        candidate = Router.load(candidate_version, settings)
+        candidate = _router(candidate_version, encoder, settings)
         shadow = Agreement()
         for by_serving, by_candidate in zip(serving.route_batch([Query(t) for t in upcoming]),
                                             candidate.route_batch([Query(t) for t in upcoming]),
@@ -165,11 +180,28 @@ def run(explore: float, args: argparse.Namespace, work: Path, encoder: OnnxEncod
                 reason=f"round {r}: learned from {len(learnt.train)} feedback rows; shadow "
                 f"agreement {shadow.overall.rate:.3f}")
     log.close()
-    promoted = Router.load(serving_root, settings)
+    promoted = _router(serving_root, encoder, settings)
     after = _evaluate(promoted, args.data / "test.csv", read_targets_csv(args.data / "models.csv"),
                       work / f"eval-after-{tag}")
     return {"after": after, "served": served, "learned_rows": learned,
             "shadow_agreement": agreement}
+
+
+def _flags(args: argparse.Namespace) -> str:
+    """The non-default options of this run, as typed."""
+    flags = f" --rounds {args.rounds}" if args.rounds != 1 else ""
+    flags += f" --explore {args.explore:g}" if args.explore != 0.1 else ""
+    return flags + (" --impute" if args.impute else "")
+
+
+def _tuned(result: dict[str, Any]) -> str:
+    tuned = result.get("tuned", {})
+    if tuned.get("use_neighbours") is False:
+        return "neighbours off"
+    if "feedback_shrinkage" in tuned:
+        return (f"{tuned.get('k', '?')}; feedback rows: shrinkage {tuned['feedback_shrinkage']:g}"
+                f", T {tuned.get('feedback_temperature', 0.05):g}")
+    return str(tuned.get("k", "?"))
 
 
 def main() -> int:
@@ -178,16 +210,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-share", type=float, default=0.1)
     parser.add_argument("--explore", type=float, default=0.1)
-    parser.add_argument("--no-impute", dest="impute", action="store_false",
-                        help="leave the targets without feedback blank instead of filling them "
-                        "with the serving index's predictions")
+    parser.add_argument("--impute", action="store_true",
+                        help="fill the targets without feedback with the serving index's "
+                        "predictions instead of leaving them unknown (measured worse)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="learn and promote after each of this many slices of traffic")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     settings = Settings()
-    encoder = OnnxEncoder.from_settings(settings.encoder.path, settings.encoder)
+    encoder = CachedEncoder(OnnxEncoder.from_settings(settings.encoder.path, settings.encoder),
+                            1_000_000)
     prices = read_targets_csv(args.data / "models.csv")
     texts, scores, targets_t = read_outcome_csv(args.data / "train.csv")
     targets = list(targets_t)
@@ -207,8 +240,9 @@ def main() -> int:
                                    targets_file=args.data / "models.csv",
                                    settings=settings.index, progress=False)
         test = args.data / "test.csv"
-        before = _evaluate(Router.load(start_version, settings), test, prices, work / "eval-b")
-        full = _evaluate(Router.load(full_version, settings), test, prices, work / "eval-f")
+        before = _evaluate(_router(start_version, encoder, settings), test, prices,
+                           work / "eval-b")
+        full = _evaluate(_router(full_version, encoder, settings), test, prices, work / "eval-f")
         traffic = ([texts[i] for i in traffic_rows], scores[traffic_rows])
         plain = run(0.0, args, work, encoder, start_version, traffic, targets, settings)
         explored = run(args.explore, args, work, encoder, start_version, traffic, targets,
@@ -233,13 +267,15 @@ def main() -> int:
         ("full train, all scores", full),
     ]
     lines = [
-        f"`.venv/bin/python scripts/simulate_feedback.py` ({machine()}; seed {args.seed}; "
+        f"`.venv/bin/python scripts/simulate_feedback.py{_flags(args)}` ({machine()}; seed "
+        f"{args.seed}; "
         f"{len(start_rows)} start rows, {len(traffic_rows)} traffic rows, feedback = the dataset's "
         "score of the served target only; test = LLMRouter test split, 500 rows).",
         "",
-        "| index | AIQ | max quality |",
-        "|---|---|---|",
-        *(f"| {name} | {r['aiq']:.4f} | {r['max_quality']:.4f} |" for name, r in rows),
+        "| index | AIQ | max quality | predicted quality MAE | tuned |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {r['aiq']:.4f} | {r['max_quality']:.4f} | {r['mae']:.4f} | "
+          f"{_tuned(r)} |" for name, r in rows),
         "",
         f"Share of the AIQ gap (start -> full) closed by learning: {result['gap_closed']} without "
         f"exploration, {result['gap_closed_explore']} with {args.explore:.0%} (exploration "
@@ -247,7 +283,11 @@ def main() -> int:
         "of learn + shadow + promote; shadow agreement of each candidate with the index it "
         f"replaced: {plain['shadow_agreement']} (no exploration), {explored['shadow_agreement']} "
         "(exploration). Targets without feedback are "
-        + ("filled with the serving index's predictions." if args.impute else "left blank."),
+        + ("filled with the serving index's predictions (`--impute`)." if args.impute else
+           "left unknown: targets are compared on the fully scored rows and a feedback row "
+           "moves only the target it observed (`decision.feedback_step`), as much as the "
+           "build's cross-validation says it helps (tuned: no feedback setting = the build "
+           "kept them out)."),
     ]
     if not args.no_write:
         write_section("simulate_feedback", "## Learning from feedback (simulated)\n\n"

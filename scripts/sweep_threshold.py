@@ -3,9 +3,13 @@
     .venv/bin/python scripts/sweep_threshold.py [--index DIR] [--off-topic FILE] [--no-write]
 
 Each exemplar is routed against all the others (its own row removed from the neighbours) with
-the router's decision rule and settings; an off-topic probe file (one query per line, none of
-which belongs to any route) shows how often a threshold abstains to the default route. Prints a
-table and writes docs/ROUTES.md.
+the router's decision rule and settings, and scored with the confidence the router serves: the
+index's abstention score when the build fitted one (``semroute.abstain``), else the vote share.
+An off-topic probe file (one query per line, none of which belongs to any route) shows how often
+a threshold abstains to the default route. Prints a table and writes docs/ROUTES.md.
+
+Leave-one-out is slightly pessimistic for the abstention score: the neighbours' own densities
+stored in the index still count the removed row.
 """
 
 from __future__ import annotations
@@ -16,21 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
+from semroute.abstain import neighbour_features
 from semroute.config import DEFAULT_INDEX_DIR
 from semroute.decision import DecisionParams, vote_shares, winning_label
+from semroute.index import ExemplarIndex
 from semroute.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "ROUTES.md"
-THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def confidence(
-    sims: np.ndarray, ids: np.ndarray, labels: np.ndarray, p: DecisionParams
+    sims: np.ndarray, ids: np.ndarray, index: ExemplarIndex, p: DecisionParams
 ) -> tuple[str, float]:
-    names = [str(x) for x in labels[ids]]
-    shares = vote_shares(sims, names, np.ones(len(names), np.float32), p)
+    """The winning route and the confidence the router would serve for these neighbours."""
+    names = [str(x) for x in index.labels[ids]]
+    shares = vote_shares(sims, names, index.weights[ids], p)
     route = winning_label(shares, sims, names)
+    if p.abstain is not None and index.density is not None:
+        return route, p.abstain.score(neighbour_features(sims, shares, route, index.density[ids]))
     return route, shares[route]
 
 
@@ -45,20 +54,23 @@ def main() -> int:
 
     router = Router.load(args.index)
     index, d = router.index, router.settings.decision
-    params = DecisionParams(temperature=d.temperature, null_similarity=d.null_similarity)
+    params = DecisionParams(temperature=d.temperature, null_similarity=d.null_similarity,
+                            abstain=index.manifest.abstain, k=d.k)
+    score = "abstention score" if params.abstain is not None else "vote share"
+    shipped = index.route_table.threshold
     vectors = router.encoder.encode(index.texts)
     sims, ids = index.search(vectors, d.k + 1)
     loo = []
     for row in range(index.size):
         keep = ids[row] != row
         route, conf = confidence(
-            sims[row][keep][: d.k], ids[row][keep][: d.k], index.labels, params
+            sims[row][keep][: d.k], ids[row][keep][: d.k], index, params
         )
         loo.append((route == index.labels[row], conf))
     probes = [q for q in args.off_topic.read_text().splitlines() if q.strip()]
     psims, pids = index.search(router.encoder.encode(probes), d.k)
     probe_conf = [
-        confidence(psims[i], pids[i], index.labels, params)[1] for i in range(len(probes))
+        confidence(psims[i], pids[i], index, params)[1] for i in range(len(probes))
     ]
 
     lines = [
@@ -80,13 +92,13 @@ def main() -> int:
         "## Threshold\n\n"
         "Command: `.venv/bin/python scripts/sweep_threshold.py` (written by it). Leave-one-out over\n"
         f"the {index.size} exemplars with the router's rule (k={d.k}, T={d.temperature}, null\n"
-        f"similarity {d.null_similarity}); off-topic probes: `{args.off_topic.relative_to(ROOT)}`\n"
-        f"({len(probes)} questions no route covers). Index version {index.version}.\n\n"
+        f"similarity {d.null_similarity}), confidence = the {score}; off-topic probes:\n"
+        f"`{args.off_topic.relative_to(ROOT)}` ({len(probes)} questions no route covers). "
+        f"Index version {index.version}.\n\n"
         + table
-        + "\n\nThe shipped global threshold is 0.40: most in-scope exemplars still route to their\n"
-        "own route, and a good share of off-topic questions go to `general`. Raising it trades\n"
-        "in-scope routing for abstention; `semroute calibrate` picks one for a target precision\n"
-        "when you have a labelled validation set.\n"
+        + f"\n\nThe shipped global threshold (index_data/routes.yaml) is {shipped}. Raising it\n"
+        "trades in-scope routing for abstention; `semroute calibrate` picks one for a target\n"
+        "precision or in-scope coverage when you have a labelled validation set.\n"
     )
     if not args.no_write:
         DOC.write_text(body)

@@ -22,6 +22,8 @@ from semroute.errors import ConfigError
 DEFAULT_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-int8")
 FP32_ENCODER_DIR = Path("models/all-MiniLM-L6-v2-onnx")
 DEFAULT_INDEX_DIR = Path("index_data/build/default")
+# The two-stage encoder's static model, distilled from the int8 encoder (semroute.static_encoder).
+DEFAULT_STATIC_DIR = Path("models/all-MiniLM-L6-v2-int8-static")
 
 
 class EncoderSettings(BaseModel):
@@ -38,6 +40,17 @@ class EncoderSettings(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="texts per encoder batch when building")
     cache_size: int = Field(4096, ge=0, description="LRU cache of query embeddings (0 = off)")
+    two_stage: bool = Field(
+        False,
+        description="let the static model decide alone where the index's leave-one-out gate "
+        "says it agrees with the full encoder (semroute.two_stage); other queries run the "
+        "full encoder. Needs an index built with a static model",
+    )
+    static_path: Path = Field(
+        DEFAULT_STATIC_DIR,
+        description="the static model (semroute.static_encoder) index builds embed exemplars "
+        "with; at query time the one the index records is loaded if it still exists",
+    )
 
 
 class DecisionSettings(BaseModel):
@@ -64,6 +77,15 @@ class DecisionSettings(BaseModel):
     local_shrinkage: float = Field(
         100.0, ge=0, description="outcomes: pseudo-count of the neighbourhood prior for local_k"
     )
+    feedback_shrinkage: float | None = Field(
+        None, ge=0, description="outcomes with rows learnt from feedback (one score each): "
+        "pseudo-count of the fully scored rows' estimate against their evidence; None ignores "
+        "them (a build with such rows tunes it)"
+    )
+    feedback_temperature: float = Field(
+        0.05, gt=0, description="outcomes: how fast a feedback row's weight falls with its "
+        "distance (a build with such rows tunes it)"
+    )
     history_weight: float = Field(
         1.0, ge=0, description="weight of the most recent earlier turn (the query weighs 1)"
     )
@@ -85,6 +107,15 @@ class IndexSettings(BaseModel):
         "HNSW32", description="FAISS factory string for larger indexes (inner product)"
     )
     hnsw_ef_search: int = Field(64, ge=1)
+    faiss: Literal["auto", "flat", "hnsw-sq", "ivf-sq", "ivfpq"] = Field(
+        "auto", description="FAISS index type (semroute.index_types): 'auto' is flat up to "
+        "exact_max, approx_factory above; the others are opt-in for very large indexes, "
+        "quantised and read memory-mapped (docs/BENCHMARKS.md, bench:scale)",
+    )
+    ivf_nprobe: int = Field(
+        8, ge=1, description="inverted lists scanned per query by the ivf-sq and ivfpq types "
+        "(at 1M ivf-sq exemplars, 8 of 1,024: recall@10 0.97; docs/BENCHMARKS.md, bench:scale)"
+    )
     projection: Literal["auto", "none", "learned"] = Field(
         "auto",
         description="labelled indexes: 'learned' fits a linear projection on the exemplars at "
@@ -187,12 +218,30 @@ class DispatcherSettings(BaseModel):
     port: int = 50052
     metrics_port: int = 9465
     http_port: int = Field(0, description="OpenAI-compatible HTTP door; 0 = off (8000 in `serve`)")
-    router: str = "127.0.0.1:50051"
+    router: str = Field(
+        "127.0.0.1:50051", description="router address: host:port, or several replicas as "
+        "dns:///host:port or ipv4:a:port,b:port (see router_lb_policy)"
+    )
+    router_lb_policy: Literal["auto", "round_robin", "pick_first"] = Field(
+        "auto", description="how router calls spread over the addresses `router` resolves to "
+        "(semroute.grpc.balancing): auto is round_robin for dns: and multi-address ipv4:/ipv6: "
+        "targets, gRPC's pick_first otherwise"
+    )
     backends_file: Path = Path("deploy/backends.yaml")
     retries: int = Field(1, ge=0, description="extra attempts on the same target before the next")
     backoff_s: float = Field(0.1, ge=0)
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(10.0, gt=0)
+    explore_rate: float = Field(
+        0.0, ge=0, le=1, description="share of routed requests served by another target of "
+        "their chain (Thompson-drawn, within explore_tolerance; semroute.explore), recorded as "
+        "explored in the decision log so `semroute learn` gets feedback on rarely chosen "
+        "targets; 0 = off"
+    )
+    explore_tolerance: float = Field(
+        0.1, ge=0, le=1, description="exploration serves only targets whose predicted quality "
+        "is within this of the chosen one's (outcome indexes)"
+    )
     rules_file: Path | None = None
     router_token: str | None = Field(
         None, description="bearer token for the router's auth (prefer router_token_file or the "
@@ -205,7 +254,7 @@ class DispatcherSettings(BaseModel):
     router_timeout_s: float = Field(5.0, gt=0, description="deadline of each router call")
     router_retry_backoff_s: float = Field(
         0.05, ge=0, description="wait before the one retry of a router call that could not "
-        "connect (jittered)"
+        "connect or found its replica not ready (jittered)"
     )
     router_breaker_failures: int = Field(
         3, ge=1, description="consecutive unreachable router calls that open its breaker"

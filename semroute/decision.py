@@ -11,6 +11,17 @@ toward the target's mean over the whole exemplar set, with ``shrinkage`` pseudo-
 prior weight. Without it a few neighbours produce ties and wild estimates (ANCHORS.md: plain
 cost-aware kNN never reached the best single model on the LLMRouter split).
 
+Scores may be missing (NaN): a row learnt from feedback knows only the score of the target that
+answered it. Such partly scored rows never enter the estimate above, which runs over the ``k``
+nearest fully scored rows out of a wider search (``search_width``): comparing targets needs
+their outcomes on the same queries, and a feedback row was observed only where the serving index
+chose its target. ``feedback_step`` then moves each target's estimate toward the feedback rows
+that observed it, weighted by closeness on the fully scored rows' scale and shrunk with the
+pseudo-count ``feedback_shrinkage`` (tuned by the build; None ignores feedback rows). A feedback
+row adds evidence for its own target and leaves every other target's estimate as it was. An
+index without any fully scored row averages each target over the ``k`` nearest rows that
+observed it.
+
 With ``local_k`` > 0 the estimate is hierarchical: the ``local_k`` closest neighbours' weighted
 mean is shrunk, with ``local_shrinkage`` pseudo-neighbours, toward the estimate of the whole
 neighbourhood (itself shrunk toward the global mean as above) instead of straight toward the
@@ -52,6 +63,36 @@ class DecisionParams:
     local_shrinkage: float = 100.0
     use_neighbours: bool = True
     abstain: AbstainModel | None = None
+    # Outcomes: per target, only the ``k`` most similar neighbours that observed it count
+    # (0 = every neighbour given). The search must then reach past k (``search_width``).
+    k: int = 0
+    # Outcomes with partly scored rows (learnt from feedback): pseudo-count of the fully
+    # scored rows' estimate against the partly scored rows' evidence; None ignores them.
+    feedback_shrinkage: float | None = None
+    feedback_temperature: float = 0.05
+
+
+# The widest search ``search_width`` asks for, whatever the share of observed scores.
+MAX_SEARCH_WIDTH = 2048
+
+
+def search_width(k: int, scores: npt.NDArray[np.float32]) -> int:
+    """Neighbours to fetch so that about ``k`` fully scored rows are among them.
+
+    A fully scored index needs ``k``. When scores are missing (feedback rows observe only the
+    target that served them), the search widens by twice the inverse of the fully scored rows'
+    share (of the least observed target's share when no row is fully scored), capped at
+    ``MAX_SEARCH_WIDTH`` and the index size.
+    """
+    n = scores.shape[0]
+    if scores.ndim != 2 or scores.shape[1] == 0 or n == 0:
+        return k
+    complete = int(np.isfinite(scores).all(axis=1).sum())
+    least = complete or int(np.isfinite(scores).sum(axis=0).min())
+    if least >= n:
+        return k
+    width = k if least == 0 else int(np.ceil(2 * k * n / least))
+    return int(min(max(width, k), MAX_SEARCH_WIDTH, n))
 
 
 def neighbour_weights(sims: FloatArray, weights: FloatArray, temperature: float) -> FloatArray:
@@ -99,21 +140,85 @@ def predict_quality(
     prior_means: FloatArray,
     params: DecisionParams,
 ) -> FloatArray:
-    """Per-target predicted quality: (sum w_i y_it + m * mean_t) / (sum_known w_i + m).
+    """Per-target predicted quality: (sum w_i y_it + m * mean_t) / (n_t + m).
 
-    ``neighbour_scores`` is (k, targets) with NaN for unknown scores; weights are normalised so
-    that the k neighbours count as k observations and ``shrinkage`` (m) as m more at the mean.
-    With ``params.local_k`` > 0 (and fewer than the k neighbours) that estimate is the prior of
-    ``predict_quality_local`` over the ``local_k`` closest neighbours.
+    ``neighbour_scores`` is (n, targets) with NaN for unknown scores. The sums run over the
+    ``params.k`` most similar fully scored neighbours (all when ``k`` is 0), whose weights are
+    normalised to count as n_t observations; ``shrinkage`` (m) adds m more at the mean. With
+    ``params.local_k`` > 0 that estimate is the prior of ``predict_quality_local`` over the
+    ``local_k`` closest of them. Partly scored neighbours then refine it (``feedback_step``)
+    when ``params.feedback_shrinkage`` is set; they never move a target they did not observe.
+    When no neighbour is fully scored, each target's sums run over the ``k`` most similar
+    neighbours that observed it.
     """
     n_targets = prior_means.shape[0]
     if sims.size == 0 or not params.use_neighbours:
         return prior_means.astype(np.float32).copy()
-    w = neighbour_weights(sims, exemplar_weights, params.temperature)
-    q = _shrunk_mean(w, neighbour_scores, prior_means, params.shrinkage)
-    if 0 < params.local_k < len(sims):
-        q = predict_quality_local(sims, neighbour_scores, exemplar_weights, q, params)
+    order = np.argsort(-sims, kind="stable")
+    sims, neighbour_scores = sims[order], neighbour_scores[order]
+    exemplar_weights = exemplar_weights[order]
+    complete: npt.NDArray[np.bool_] = np.asarray(
+        np.isfinite(neighbour_scores).all(axis=1), dtype=bool
+    )
+    if complete.all() or not complete.any():
+        return _scored_estimate(sims, neighbour_scores, exemplar_weights, prior_means, params)
+    q = _scored_estimate(sims[complete], neighbour_scores[complete], exemplar_weights[complete],
+                         prior_means, params)
+    if params.feedback_shrinkage is not None:
+        q = feedback_step(sims, neighbour_scores, exemplar_weights, complete, q, params)
     return np.asarray(q, dtype=np.float32).reshape(n_targets)
+
+
+def _scored_estimate(
+    sims: FloatArray, neighbour_scores: FloatArray, exemplar_weights: FloatArray,
+    prior_means: FloatArray, params: DecisionParams,
+) -> FloatArray:
+    w = neighbour_weights(sims, exemplar_weights, params.temperature)
+    q = _shrunk_mean(w, neighbour_scores, prior_means, params.shrinkage, params.k)
+    limit = params.k or len(sims)
+    if 0 < params.local_k < limit:
+        q = predict_quality_local(sims, neighbour_scores, exemplar_weights, q, params)
+    return np.asarray(q, dtype=np.float32).reshape(prior_means.shape[0])
+
+
+def feedback_step(
+    sims: FloatArray,
+    neighbour_scores: FloatArray,
+    exemplar_weights: FloatArray,
+    complete: npt.NDArray[np.bool_],
+    scored: FloatArray,
+    params: DecisionParams,
+) -> FloatArray:
+    """The fully scored rows' estimate ``scored`` refined by the partly scored neighbours
+    (rows learnt from feedback), per target from the ``k`` nearest that observed it:
+    (sum w_i y_it + m_f * scored_t) / (sum w_i + m_f), m_f = ``params.feedback_shrinkage``.
+
+    w_i = min(1, exp((s_i - s_best) / T_f)) with s_best the most similar fully scored row and
+    T_f = ``params.feedback_temperature``: a feedback row at least as close as the best fully
+    scored row counts as one observation, a distant one as almost nothing. Comparing targets
+    needs every target's outcome on the same queries, which only fully scored rows give;
+    feedback rows (each observed where the serving index chose that target) only move a
+    target's estimate where they are many and close, and never the targets they did not
+    observe, nor the scale of anyone's weights.
+    """
+    m = params.feedback_shrinkage
+    if m is None:
+        return scored
+    order = np.argsort(-sims, kind="stable")
+    sims, neighbour_scores = sims[order], neighbour_scores[order]
+    exemplar_weights, complete = exemplar_weights[order], complete[order]
+    best = float(sims[complete].max())
+    w = np.minimum(1.0, np.exp((sims.astype(np.float64) - best) / params.feedback_temperature))
+    w = w * exemplar_weights
+    known = np.isfinite(neighbour_scores) & ~complete[:, None]
+    used = observed_first(known, params.k)
+    wt = w[:, None] * used
+    filled = np.where(known, neighbour_scores, 0.0)
+    num = (wt * filled).sum(axis=0) + m * scored
+    den = wt.sum(axis=0) + m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(den > 0, num / np.maximum(den, 1e-300), scored)
+    return np.asarray(q, dtype=np.float32)
 
 
 def predict_quality_local(
@@ -123,31 +228,46 @@ def predict_quality_local(
     broad: FloatArray,
     params: DecisionParams,
 ) -> FloatArray:
-    """The ``local_k`` most similar neighbours' weighted mean, shrunk toward ``broad``.
+    """Per target, the ``local_k`` most similar neighbours that observed it, their weighted
+    mean shrunk toward ``broad``.
 
-    (sum_local w_i y_it + m_local * broad_t) / (sum_local w_i + m_local), with the local weights
-    normalised to count as ``local_k`` observations. ``broad`` is the whole neighbourhood's
-    estimate (``predict_quality`` without this step); neighbours need not arrive sorted.
+    (sum_local w_i y_it + m_local * broad_t) / (n_local + m_local), with the local weights
+    normalised to count as n_local (at most ``local_k``) observations. ``broad`` is the whole
+    neighbourhood's estimate (``predict_quality`` without this step); neighbours need not
+    arrive sorted.
     """
-    k = min(params.local_k, len(sims))
-    top = np.argsort(-sims, kind="stable")[:k]
-    w = neighbour_weights(sims[top], exemplar_weights[top], params.temperature)
-    q = _shrunk_mean(w, neighbour_scores[top], broad, params.local_shrinkage)
+    order = np.argsort(-sims, kind="stable")
+    w = neighbour_weights(sims[order], exemplar_weights[order], params.temperature)
+    q = _shrunk_mean(w, neighbour_scores[order], broad, params.local_shrinkage, params.local_k)
     return np.asarray(q, dtype=np.float32).reshape(broad.shape[0])
 
 
 def _shrunk_mean(
-    w: FloatArray, neighbour_scores: FloatArray, prior: FloatArray, shrinkage: float
+    w: FloatArray, neighbour_scores: FloatArray, prior: FloatArray, shrinkage: float,
+    limit: int = 0,
 ) -> FloatArray:
-    """(sum w_i y_it + m * prior_t) / (sum_known w_i + m), weights rescaled to sum to len(w)."""
-    w = w * (len(w) / max(float(w.sum()), 1e-12))
+    """(sum w_i y_it + m * prior_t) / (n_t + m) over the first ``limit`` neighbours (in the
+    order given; all when 0) that observed target t, their weights rescaled to sum to n_t."""
     known = np.isfinite(neighbour_scores)
+    used = observed_first(known, limit)
+    wt = np.asarray(w, dtype=np.float64)[:, None] * used
+    count = used.sum(axis=0).astype(np.float64)
+    scale = count / np.maximum(wt.sum(axis=0), 1e-300)
     filled = np.where(known, neighbour_scores, 0.0)
-    num = (w[:, None] * filled).sum(axis=0) + shrinkage * prior
-    den = (w[:, None] * known).sum(axis=0) + shrinkage
+    num = (wt * filled).sum(axis=0) * scale + shrinkage * prior
+    den = count + shrinkage
     with np.errstate(invalid="ignore", divide="ignore"):
         q = np.where(den > 0, num / np.maximum(den, 1e-12), prior)
     return np.asarray(q, dtype=np.float32)
+
+
+def observed_first(known: npt.NDArray[np.bool_], limit: int, axis: int = 0) -> npt.NDArray[np.bool_]:
+    """``known`` keeping, per target, only its first ``limit`` observations along ``axis``
+    (the neighbours, most similar first); all of them when ``limit`` is 0."""
+    if limit <= 0:
+        return known
+    kept: npt.NDArray[np.bool_] = known & (np.cumsum(known, axis=axis) <= limit)
+    return kept
 
 
 def allowed(table: RouteTable, targets: Sequence[str], policy: Policy) -> list[str]:

@@ -213,13 +213,29 @@ class OnnxEncoder:
         every padding token costs as much as a real one (random batches of 32 Banking77 queries
         ran at about half the speed of length-sorted ones).
         """
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
-            return out
+            return np.zeros((0, self.dimension), dtype=np.float32)
         if len(texts) == 1:
             token_ids = [self._tokenizer.encode(texts[0]).ids]
         else:
             token_ids = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+        return self.encode_token_ids(token_ids)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` (no padding, truncation at ``max_tokens``)."""
+        return self._tokenizer
+
+    def special_ids(self) -> tuple[int, int]:
+        """The ids of ``[CLS]`` and ``[SEP]`` (semroute.static_encoder feeds tokens alone)."""
+        return (int(self._tokenizer.token_to_id("[CLS]") or 0),
+                int(self._tokenizer.token_to_id("[SEP]") or 0))
+
+    def encode_token_ids(self, token_ids: Sequence[list[int]]) -> Vectors:
+        """``encode`` from token ids (special tokens included), with the same batching rules."""
+        out = np.zeros((len(token_ids), self.dimension), dtype=np.float32)
+        if not token_ids:
+            return out
         if self.per_text_threads:
             if len(token_ids) == 1 or self.per_text_threads == 1:
                 for i, ids in enumerate(token_ids):

@@ -43,6 +43,9 @@ from semroute.config import DecisionSettings, IndexSettings
 from semroute.encoder import embed_many
 from semroute.errors import CorruptIndex, FingerprintMismatch, IndexNotFound
 from semroute.exemplars import ExemplarSet, load_route_table, read_exemplars
+from semroute.index_types import factory as index_factory
+from semroute.index_types import new_index as new_faiss_index
+from semroute.index_types import read_flags, set_search_params
 from semroute.logs import get_logger, stderr_progress
 from semroute.manifest import (
     FORMAT_VERSION,
@@ -53,6 +56,7 @@ from semroute.manifest import (
     ProjectionRecord,
     Thresholds,
 )
+from semroute.static_encoder import StaticEncoder
 from semroute.tune import BuildTuning, tune_labelled_build, tune_outcome_build
 from semroute.types import Encoder, ExemplarKind, IndexInfo, RouteTable, Vectors
 
@@ -140,6 +144,39 @@ class ExemplarIndex:
         sims, ids = self._faiss.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return sims, ids
 
+    def search_observed(
+        self, vectors: Vectors, k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``search`` for an outcome index whose scores may be missing: each query's
+        neighbourhood is widened (``decision.search_width``, then four times wider for the
+        queries still short, up to ``decision.MAX_SEARCH_WIDTH``) until it holds ``k`` fully
+        scored rows, or all the index has. Rows are padded with id -1; a fully scored index is
+        searched exactly as ``search(vectors, k)``."""
+        from semroute.decision import MAX_SEARCH_WIDTH, search_width
+
+        width = search_width(k, self.scores)
+        sims, ids = self.search(vectors, width)
+        limit = min(self.size, max(MAX_SEARCH_WIDTH, width))
+        if width == k or self.scores.shape[1] == 0:
+            return sims, ids
+        complete: npt.NDArray[np.bool_] = np.asarray(
+            np.isfinite(self.scores).all(axis=1), dtype=bool
+        )
+        need = min(k, int(complete.sum()))
+        while width < limit:
+            seen = complete[np.maximum(ids, 0)] & (ids >= 0)
+            short = np.flatnonzero(seen.sum(axis=1) < need)
+            if not len(short):
+                break
+            width = min(width * 4, limit)
+            more_sims, more_ids = self.search(vectors[short], width)
+            grown_sims = np.full((len(ids), width), -np.inf, dtype=np.float32)
+            grown_ids = np.full((len(ids), width), -1, dtype=np.int64)
+            grown_sims[:, : sims.shape[1]], grown_ids[:, : ids.shape[1]] = sims, ids
+            grown_sims[short], grown_ids[short] = more_sims, more_ids
+            sims, ids = grown_sims, grown_ids
+        return sims, ids
+
     @classmethod
     def load(
         cls, path: Path, expect_fingerprint: str | None = None, *, mmap: bool = False
@@ -165,7 +202,7 @@ class ExemplarIndex:
                 f"encoder (`semroute index build ... --encoder DIR`) or load the encoder it was "
                 f"built with ({manifest.encoder.path or '?'})"
             )
-        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        flags = read_flags(manifest.faiss.kind, mmap)
         faiss_index = faiss.read_index(str(version_dir / FAISS_FILE), flags)
         texts: list[str] = []
         labels: list[str] = []
@@ -207,8 +244,9 @@ class ExemplarIndex:
             expected_d = projection.shape[1]
         if faiss_index.d != expected_d:
             raise CorruptIndex(f"{version_dir}: FAISS dimension {faiss_index.d} != manifest")
-        if hasattr(faiss_index, "hnsw"):
-            faiss_index.hnsw.efSearch = manifest.faiss.ef_search
+        set_search_params(
+            faiss_index, ef_search=manifest.faiss.ef_search, nprobe=manifest.faiss.nprobe
+        )
         return cls(
             version_dir,
             manifest,
@@ -290,6 +328,7 @@ def build_index(
     encoder_path: Path | None = None,
     tune: bool = True,
     default_route: str = "default",
+    static_model: StaticEncoder | None = None,
 ) -> Path:
     """Validate, embed, tune, write a new version under ``out_root`` and switch ``current``.
 
@@ -338,6 +377,8 @@ def build_index(
         stats={"embed_seconds": round(embed_s, 3)},
         projection=projection,
         tuning=tuning,
+        static_model=static_model,
+        decision=decision,
     )
 
 
@@ -398,8 +439,13 @@ def write_version(
     stats: Mapping[str, float] | None = None,
     projection: npt.NDArray[np.float32] | None = None,
     tuning: BuildTuning | None = None,
+    static_model: StaticEncoder | None = None,
+    decision: DecisionSettings | None = None,
 ) -> Path:
     """Write an index version from already-computed vectors and switch ``current`` to it.
+
+    With ``static_model`` (labelled sets), the two-stage encoder's static stage is fitted and
+    stored too (semroute.two_stage; ``decision``: the settings the router will run with).
 
     With ``projection`` (d, d'), FAISS holds the projected vectors and the matrix is stored
     alongside so queries are projected the same way. With a tuning that carries an abstention
@@ -415,13 +461,13 @@ def write_version(
         from semroute.projection import apply_projection
 
         vectors = apply_projection(vectors, projection)
-    exact = n <= settings.exact_max
-    factory = "Flat" if exact else settings.approx_factory
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(vectors)
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = settings.hnsw_ef_search
+    factory, exact = index_factory(
+        settings.faiss, n, vectors.shape[1], exact_max=settings.exact_max,
+        approx_factory=settings.approx_factory,
+    )
+    index = new_faiss_index(factory, vectors)
+    nprobe = settings.ivf_nprobe if settings.faiss in ("ivf-sq", "ivfpq") else 0
+    set_search_params(index, ef_search=settings.hnsw_ef_search, nprobe=nprobe)
     index.add(vectors)
 
     built_at = datetime.now(UTC)
@@ -451,11 +497,27 @@ def write_version(
             np.save(tmp / PROJECTION_FILE, projection.astype(np.float32), allow_pickle=False)
             files.append(PROJECTION_FILE)
         abstain = tuning.abstain if tuning is not None else None
+        density = None
         if abstain is not None:
             sims, _ = top_neighbours(vectors, vectors, DENSITY_K, exclude_self=True)
             density = own_density(sims, DENSITY_K).astype(np.float32)
             np.save(tmp / DENSITY_FILE, density, allow_pickle=False)
             files.append(DENSITY_FILE)
+        static = None
+        if static_model is not None and exemplar_set.kind is ExemplarKind.LABELLED:
+            from semroute.two_stage import write_static_stage
+
+            static = write_static_stage(
+                tmp, static_model, [e.text for e in exemplar_set.exemplars],
+                [e.label for e in exemplar_set.exemplars],
+                np.asarray([e.weight for e in exemplar_set.exemplars], dtype=np.float32),
+                index, vectors, table, decision or DecisionSettings(),
+                dict(tuning.decision) if tuning else {}, abstain, density,
+                encoder_fingerprint=encoder.fingerprint,
+                factory="Flat" if n <= settings.exact_max else settings.approx_factory,
+                ef_search=settings.hnsw_ef_search,
+            )
+            files.extend((static.file, static.map_file))
         label_counts: dict[str, int] = {}
         for e in exemplar_set.exemplars:
             if e.label:
@@ -469,7 +531,8 @@ def write_version(
                 encoder.fingerprint, dimension,
                 str(Path(encoder_path).resolve()) if encoder_path else "",
             ),
-            faiss=FaissRecord(factory, exact, settings.hnsw_ef_search),
+            faiss=FaissRecord(factory, exact, settings.hnsw_ef_search, kind=settings.faiss,
+                              nprobe=nprobe),
             route_table=table,
             checksums={name: _sha256(tmp / name) for name in files},
             projection=(
@@ -483,6 +546,7 @@ def write_version(
             tuning=dict(tuning.figures) if tuning else {},
             abstain=abstain,
             density=DENSITY_FILE if abstain is not None else None,
+            static=static,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
         tmp.chmod(0o755)

@@ -34,6 +34,9 @@ class FaissRecord:
     exact: bool
     ef_search: int
     metric: str = "inner_product"
+    # Added with the opt-in index types (semroute.index_types); older manifests read as auto.
+    kind: str = "auto"
+    nprobe: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,47 @@ class ProjectionRecord:
     file: str
     method: str
     dimension: int
+
+
+@dataclass(frozen=True)
+class StaticRecord:
+    """The two-stage encoder's static stage (semroute.two_stage): the static model the exemplars
+    were embedded with (its fingerprint and its source encoder's), the files of their mapped
+    vectors' FAISS index and of the map, and the fitted gate."""
+
+    file: str
+    map_file: str
+    fingerprint: str
+    source_fingerprint: str
+    dimension: int
+    path: str
+    temperature: float
+    null_similarity: float | None
+    threshold: float  # inf: the gate answers nothing
+    k: int
+    thresholds_key: str
+    min_similarity: float = -1.0  # the static stage answers no query less close to an exemplar
+    figures: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> JsonDict:
+        out = asdict(self)
+        out["threshold"] = self.threshold if self.threshold != float("inf") else None
+        out["figures"] = dict(self.figures)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> StaticRecord:
+        threshold = raw.get("threshold")
+        null = raw.get("null_similarity")
+        return cls(
+            str(raw["file"]), str(raw["map_file"]), str(raw["fingerprint"]),
+            str(raw["source_fingerprint"]),
+            int(raw["dimension"]), str(raw.get("path", "")), float(raw["temperature"]),
+            None if null is None else float(null),
+            float("inf") if threshold is None else float(threshold), int(raw["k"]),
+            str(raw["thresholds_key"]), float(raw.get("min_similarity", -1.0)),
+            dict(raw.get("figures") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +124,7 @@ class IndexManifest:
     tuning: Mapping[str, Any] = field(default_factory=dict)
     abstain: AbstainModel | None = None
     density: str | None = None
+    static: StaticRecord | None = None
     format: int = FORMAT_VERSION
 
     def effective_route_table(self) -> RouteTable:
@@ -117,6 +162,7 @@ class IndexManifest:
             "tuning": dict(self.tuning),
             "abstain": self.abstain.to_dict() if self.abstain else None,
             "density": self.density,
+            "static": self.static.to_json() if self.static else None,
             "checksums": dict(self.checksums),
         }
 
@@ -142,7 +188,8 @@ class IndexManifest:
                 encoder=EncoderRecord(str(enc["fingerprint"]), int(enc["dimension"]),
                                       str(enc.get("path", ""))),
                 faiss=FaissRecord(str(fa["factory"]), bool(fa.get("exact", True)),
-                                  int(fa.get("ef_search", 64)), str(fa.get("metric", "inner_product"))),
+                                  int(fa.get("ef_search", 64)), str(fa.get("metric", "inner_product")),
+                                  str(fa.get("kind", "auto")), int(fa.get("nprobe", 0))),
                 route_table=route_table_from_json(data["route_table"]),
                 checksums=dict(data.get("checksums", {})),
                 projection=(ProjectionRecord(str(proj["file"]), str(proj["method"]),
@@ -155,6 +202,7 @@ class IndexManifest:
                 tuning=dict(data.get("tuning") or {}),
                 abstain=AbstainModel.from_dict(abstain) if abstain else None,
                 density=data.get("density"),
+                static=StaticRecord.from_json(data["static"]) if data.get("static") else None,
             )
         except (KeyError, TypeError, ValueError, AssertionError) as exc:
             raise CorruptIndex(

@@ -8,11 +8,13 @@ tests, can live in one process. A service adds its own metrics class next to its
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # Latency buckets from 0.25 ms to 2.5 s: routing is a few ms, reloads and batches are longer.
 LATENCY_BUCKETS = (
@@ -116,11 +118,32 @@ class RouterMetrics:
 
         self.cache_hit_ratio.set_function(ratio)
 
+    def watch_stages(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Export ``stage_decisions_total{stage=static|full}`` from ``read() -> (static,
+        full)`` at scrape time: which stage of the two-stage encoder made each decision."""
+        self.registry.register(_StageCollector(f"{self.NAMESPACE}_stage_decisions", read))
+
     def set_index(self, version: str, exemplars: int) -> None:
         """Mark ``version`` as the one serving (and only it)."""
         self.index_version.clear()
         self.index_version.labels(version=version).set(1)
         self.index_exemplars.set(exemplars)
+
+
+class _StageCollector(Collector):
+    def __init__(self, name: str, read: Callable[[], tuple[int, int]]) -> None:
+        self._name = name
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        static, full = self._read()
+        family = CounterMetricFamily(
+            self._name, "Routing decisions by the encoder stage that made them (static: the "
+            "two-stage encoder's static model alone; full: the full encoder)", labels=["stage"],
+        )
+        family.add_metric(["static"], static)
+        family.add_metric(["full"], full)
+        yield family
 
 
 @dataclass

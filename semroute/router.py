@@ -24,6 +24,8 @@ from semroute.decision import (
 from semroute.encoder import CachedEncoder, OnnxEncoder
 from semroute.errors import FingerprintMismatch, InvalidRequest, UnknownTarget
 from semroute.index import ExemplarIndex
+from semroute.static_encoder import StaticEncoder
+from semroute.two_stage import StageCounts, merge_stages, open_static_stage
 from semroute.types import Decision, Encoder, ExemplarKind, IndexInfo, Policy, Query, Vectors
 
 
@@ -59,7 +61,13 @@ class Router:
         encoder: Encoder,
         index: ExemplarIndex,
         settings: Settings | None = None,
+        *,
+        static_model: StaticEncoder | None = None,
+        stage_counts: StageCounts | None = None,
     ) -> None:
+        """``static_model``: the two-stage encoder's static model (default: the one the index
+        records); used only with ``settings.encoder.two_stage``. ``stage_counts`` is shared
+        with the routers ``with_index`` makes, so the counts survive index swaps."""
         settings = settings or Settings()
         if encoder.fingerprint != index.encoder_fingerprint:
             raise FingerprintMismatch(
@@ -74,6 +82,11 @@ class Router:
             settings.decision, index.manifest.decision
         )
         self._limits: LimitSettings = settings.limits
+        self.stage_counts = stage_counts if stage_counts is not None else StageCounts()
+        self._static_stage = (
+            open_static_stage(encoder.fingerprint, index, settings, static_model)
+            if settings.encoder.two_stage and index.kind is ExemplarKind.LABELLED else None
+        )
         self._params = DecisionParams(
             temperature=self._decision.temperature,
             null_similarity=self._decision.null_similarity,
@@ -83,6 +96,9 @@ class Router:
             local_shrinkage=self._decision.local_shrinkage,
             use_neighbours=bool(index.manifest.decision.get("use_neighbours", True)),
             abstain=index.manifest.abstain,
+            k=self._decision.k,
+            feedback_shrinkage=self._decision.feedback_shrinkage,
+            feedback_temperature=self._decision.feedback_temperature,
         )
 
     @property
@@ -118,7 +134,8 @@ class Router:
 
     def with_index(self, index: ExemplarIndex) -> Router:
         """The same encoder over another index (refused when the fingerprints differ)."""
-        return Router(self.encoder, index, self.settings)
+        return Router(self.encoder, index, self.settings, stage_counts=self.stage_counts,
+                      static_model=self._static_stage.model if self._static_stage else None)
 
     @property
     def info(self) -> IndexInfo:
@@ -174,19 +191,48 @@ class Router:
         """Route many queries with one encoder call; results are in input order."""
         return self.route_batch_timed(queries)[0]
 
-    def route_batch_timed(self, queries: Sequence[Query]) -> tuple[list[Decision], Timings]:
+    def route_batch_timed(
+        self, queries: Sequence[Query], *, two_stage: bool = True
+    ) -> tuple[list[Decision], Timings]:
+        """``route_batch`` with the time of each part. With the two-stage encoder on (and
+        ``two_stage``), the static stage's time counts as encoding."""
         for q in queries:
             self.validate(q)
         if not queries:
             return [], Timings(0.0, 0.0, 0.0)
+        if two_stage and self._static_stage is not None:
+            return self._route_two_stage(queries)
+        if two_stage:
+            self.stage_counts.add(0, len(queries))
         t0 = time.perf_counter()
         vectors = self.embed(queries)
         t1 = time.perf_counter()
-        sims, ids = self.index.search(vectors, self._decision.k)
+        if self.index.kind is ExemplarKind.OUTCOMES:
+            # Rows learnt from feedback miss most scores: the search widens until each target
+            # has k neighbours that observed it (plain top-k on a fully scored index).
+            sims, ids = self.index.search_observed(vectors, self._decision.k)
+        else:
+            sims, ids = self.index.search(vectors, self._decision.k)
         t2 = time.perf_counter()
         decisions = [self._decide(q, sims[i], ids[i]) for i, q in enumerate(queries)]
         t3 = time.perf_counter()
         return decisions, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _route_two_stage(self, queries: Sequence[Query]) -> tuple[list[Decision], Timings]:
+        assert self._static_stage is not None
+        t0 = time.perf_counter()
+        static = self._static_stage.decide(queries, self.index.version)
+        static_s = time.perf_counter() - t0
+        rest = [q for q, d in zip(queries, static, strict=True) if d is None]
+        full, timings = self.route_batch_timed(rest, two_stage=False)
+        self.stage_counts.add(len(queries) - len(rest), len(rest))
+        decisions = merge_stages(static, full, self.index.version)
+        return decisions, Timings(timings.encode_s + static_s, timings.search_s, timings.decide_s)
+
+    @property
+    def two_stage(self) -> bool:
+        """True when the static stage is on for this index (settings and index allow it)."""
+        return self._static_stage is not None
 
     def embed(self, queries: Sequence[Query]) -> Vectors:
         """Query vectors; earlier turns are blended in with geometrically decaying weights."""

@@ -227,7 +227,8 @@ async def build_dispatcher(
         settings, configs, metrics, tokens.tenant_names() if tokens.enabled else None
     )
     client = RouterClient(
-        ds.router, token=token, tls_ca=ds.router_tls_ca, timeout=ds.router_timeout_s
+        ds.router, token=token, tls_ca=ds.router_tls_ca, timeout=ds.router_timeout_s,
+        lb_policy=ds.router_lb_policy,
     )
     # The router is not a single point of failure: retry once, breaker, then static fallback.
     router: RouterLike = GuardedRouter(

@@ -280,6 +280,7 @@ class ChatSummary:
     cost_usd: float = 0.0
     latency_s: float = 0.0
     ttft_s: float = 0.0
+    explored: bool = False  # served by exploration (semroute.explore), not the decided target
 
 
 class DecisionSink(Protocol):

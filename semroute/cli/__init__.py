@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Modules that contribute commands; each has register(top, groups).
 _COMMAND_MODULES = (
     "semroute.cli.core",  # encoder export, index build, route
+    "semroute.cli.static_cmds",  # encoder distill (the two-stage encoder's static model)
     "semroute.cli.tune_cmds",  # encoder tune
     "semroute.cli.router_cmds",  # serve router
     "semroute.cli.dispatch_cmds",  # serve dispatcher, chat

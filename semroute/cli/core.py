@@ -48,6 +48,14 @@ def register(top: Any, groups: dict[str, Any]) -> None:
                    "the version there (semroute.index_remote)")
     p.add_argument("--factory", default=None, help="FAISS factory string for large indexes")
     p.add_argument(
+        "--faiss",
+        choices=["auto", "flat", "hnsw-sq", "ivf-sq", "ivfpq"],
+        default=None,
+        help="FAISS index type (recorded in the manifest): auto (default) is exact up to "
+        "index.exact_max exemplars and --factory above; hnsw-sq, ivf-sq and ivfpq are quantised "
+        "and read memory-mapped, for very large indexes (docs/BENCHMARKS.md, bench:scale)",
+    )
+    p.add_argument(
         "--projection",
         choices=["auto", "none", "learned"],
         default=None,
@@ -66,6 +74,12 @@ def register(top: Any, groups: dict[str, Any]) -> None:
         action="store_true",
         help="skip choosing the decision settings by cross-validation on the exemplars",
     )
+    p.add_argument(
+        "--static", type=Path, default=None, metavar="DIR",
+        help="static model for the two-stage encoder (default: encoder.static_path when it "
+        "exists and was distilled from this encoder; semroute.two_stage)",
+    )
+    p.add_argument("--no-static", action="store_true", help="store no static stage")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_build)
 
@@ -149,6 +163,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _build_into(args: argparse.Namespace, out: Path) -> Path:
+    from semroute.cli.static_cmds import static_for_build
     from semroute.encoder import OnnxEncoder
     from semroute.index import build_index, read_manifest
 
@@ -158,6 +173,8 @@ def _build_into(args: argparse.Namespace, out: Path) -> Path:
         index_settings = index_settings.model_copy(update={"approx_factory": args.factory})
     if args.projection:
         index_settings = index_settings.model_copy(update={"projection": args.projection})
+    if args.faiss:
+        index_settings = index_settings.model_copy(update={"faiss": args.faiss})
     encoder_path = args.encoder or settings.encoder.path
     encoder = OnnxEncoder.from_settings(encoder_path, settings.encoder)
     started = time.perf_counter()
@@ -174,6 +191,7 @@ def _build_into(args: argparse.Namespace, out: Path) -> Path:
         encoder_path=encoder_path,
         tune=not args.no_tune,
         default_route=args.default_route,
+        static_model=static_for_build(args.static, args.no_static, settings, encoder),
     )
     elapsed = time.perf_counter() - started
     manifest = read_manifest(version_dir)

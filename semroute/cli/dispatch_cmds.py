@@ -16,7 +16,15 @@ def register(top: Any, groups: dict[str, Any]) -> None:
         "from backends.yaml and streams the answer, failing over before the first token. "
         "Unset flags fall back to --config, then SEMROUTE_* environment variables, then defaults.",
     )
-    p.add_argument("--router", default=None, help="router address host:port [127.0.0.1:50051]")
+    p.add_argument(
+        "--router", default=None, help="router address host:port [127.0.0.1:50051]; several "
+        "replicas: dns:///host:port or ipv4:a:port,b:port (balanced call by call, round_robin)"
+    )
+    p.add_argument(
+        "--router-lb-policy", choices=["auto", "round_robin", "pick_first"], default=None,
+        help="how router calls spread over the router's addresses [auto: round_robin when "
+        "--router may name several]",
+    )
     p.add_argument(
         "--backends", type=Path, default=None, help="backends file [deploy/backends.yaml]"
     )
@@ -80,6 +88,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings the serve flags set (None: flag not given)."""
     return {
         "dispatcher__router": args.router,
+        "dispatcher__router_lb_policy": args.router_lb_policy,
         "dispatcher__backends_file": args.backends,
         "dispatcher__rules_file": args.rules,
         "dispatcher__host": args.host,

@@ -85,7 +85,6 @@ def _learn(args: argparse.Namespace) -> int:
     from semroute.loop.learn import prepare_learning, replay
     from semroute.loop.store import open_store, redact_url
     from semroute.router import Router
-    from semroute.types import Query
 
     if not 0.0 <= args.holdout <= 0.9:
         raise ConfigError(f"--holdout: must be in [0, 0.9], got {args.holdout}")
@@ -100,11 +99,8 @@ def _learn(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.log}: no logged decision has feedback yet; nothing to learn")
     serving = Router.load(serving_dir, settings)
     with tempfile.TemporaryDirectory(prefix="semroute-learn-") as work:
-        def predict(texts: list[str]) -> list[dict[str, float]]:
-            return [dict(d.scores) for d in serving.route_batch([Query(t) for t in texts])]
-
         learnt = prepare_learning(serving_dir, pairs, Path(work), holdout=args.holdout,
-                                  min_score=args.min_score, predict=predict)
+                                  min_score=args.min_score)
         if not learnt.train:
             raise ConfigError(
                 f"{args.log}: no feedback row can be learnt from ({learnt.skipped_no_text} "

@@ -39,12 +39,19 @@ import numpy as np
 
 from semroute.config import BudgetSettings, DispatcherSettings
 from semroute.dispatch.backend_config import BackendConfig
+from semroute.dispatch.cache import MISS
 from semroute.dispatch.ledger import Ledger, Ticket
 from semroute.dispatch.metrics import DispatchMetrics
 from semroute.dispatch.pool import Backend, BackendPool
 from semroute.dispatch.router_guard import fallback_chain
 from semroute.dispatch.rules import Prefilter, RuleEngine
-from semroute.dispatch.semantic import QueryEmbedder
+from semroute.dispatch.semantic import (
+    QueryEmbedder,
+    RouteCall,
+    eligible,
+    query_vector,
+    route_call,
+)
 from semroute.dispatch.sse_client import StreamResult, estimate_tokens
 from semroute.dispatch.state import LocalState
 from semroute.dispatch.tenants import TenantGuard
@@ -69,6 +76,7 @@ from semroute.errors import (
     TenantLimited,
     Unauthenticated,
 )
+from semroute.explore import explore
 from semroute.logs import (
     bind_request_id,
     clean_request_id,
@@ -99,6 +107,9 @@ _NO_POLICY = Policy()
 CLIENT_STATUSES = frozenset({400, 413, 422})
 # Tokens a chat template adds around each message (role markers): counted before the call.
 MESSAGE_OVERHEAD_TOKENS = 4
+# The client's A/B key (HTTP header and gRPC metadata key alike): which arm of an A/B split in
+# the router serves it (router.proto ``ab_key``). Without one, the tenant is the key.
+AB_KEY_HEADER = "x-semroute-ab-key"
 
 
 class InProcessRouter:
@@ -129,7 +140,7 @@ class InProcessRouter:
         if encoder is None:
             return None
         vectors = await asyncio.to_thread(encoder.encode, [text])
-        return np.asarray(vectors[0], dtype=np.float32)
+        return query_vector(vectors[0], str(getattr(encoder, "fingerprint", "")))
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,8 @@ class _Plan:
     chain: tuple[str, ...]
     index_version: str = ""
     routed_text: str = ""  # what the router embedded ("" when a rule or a force decided)
+    embedding: np.ndarray | None = None  # the router's embedding of it, when it returned one
+    explored: bool = False  # chain[0] was put first by exploration (semroute.explore)
 
 
 class Dispatcher:
@@ -186,12 +199,7 @@ class Dispatcher:
         self._fallback = fallback_chain(
             settings.fallback_targets, self.backends.names(), self.backends.local_names()
         )
-        if self.ledger.semantic is not None and not isinstance(router, QueryEmbedder):
-            log.warning(
-                "semantic_cache_inactive",
-                reason="this router does not hand over its query embedding (a router in another "
-                "process: its gRPC response carries none); the exact tier still works",
-            )
+        self._told_no_embedding = False  # semantic_cache_no_embedding is logged once
         for name, backend in self.backends.backends.items():
             self.metrics.watch_breaker(name, lambda b=backend: b.breaker.state)  # type: ignore[misc]
 
@@ -239,9 +247,13 @@ class Dispatcher:
             await asyncio.to_thread(self.sink.close)
 
     async def chat(
-        self, req: ChatRequest, *, deadline_s: float | None = None
+        self, req: ChatRequest, *, deadline_s: float | None = None, ab_key: str = ""
     ) -> AsyncGenerator[ChatEvent, None]:
         """Decision, deltas, done (see the module docstring for the guarantees).
+
+        ``ab_key``: the client's A/B key (``AB_KEY_HEADER``; the doors check its length). The
+        router gets it, else the tenant, else the request id, so one tenant's requests are
+        served by one arm of an A/B split.
 
         Raises InvalidRequest/UnknownTarget (bad request, naming the field) before anything is
         yielded; DispatchFailed when no target answers before the commit point (within
@@ -268,7 +280,7 @@ class Dispatcher:
             # aclosing: a caller closing us at a yield closes the inner chat (and the upstream
             # HTTP response) now, not when the garbage collector gets to it.
             async with contextlib.aclosing(
-                self._chat(req, rid, start, start + budget, key)
+                self._chat(req, rid, start, start + budget, key, ab_key)
             ) as events:
                 async for event in events:
                     yield event
@@ -277,7 +289,8 @@ class Dispatcher:
             self._active.pop(key, None)
 
     async def _chat(
-        self, req: ChatRequest, rid: str, start: float, budget_end: float, key: int
+        self, req: ChatRequest, rid: str, start: float, budget_end: float, key: int,
+        ab_key: str,
     ) -> AsyncGenerator[ChatEvent, None]:
         self._active[key] = asyncio.current_task()
         try:
@@ -292,10 +305,16 @@ class Dispatcher:
                 async for event in self._replay(req, ticket, rid, start):
                     yield event
                 return
-            plan = await self._plan(req, pre, rid)
+            # The embedding is asked for only when the semantic tier will look it up.
+            call = RouteCall(
+                ab_key=ab_key or req.tenant or rid,
+                want_embedding=(self.ledger.semantic is not None and ticket.status == MISS
+                                and eligible(req)),
+            )
+            plan = await self._plan(req, pre, rid, call)
             await self.ledger.semantic_lookup(
                 ticket, req, plan.route,
-                (lambda: self._query_embedding(plan.routed_text)) if plan.routed_text else None,
+                (lambda: self._query_embedding(plan)) if plan.routed_text else None,
             )
             if ticket.answer is not None:
                 async for event in self._replay(req, ticket, rid, start):
@@ -389,11 +408,25 @@ class Dispatcher:
                     index_version=plan.index_version,
                     cost_usd=done.cost_usd if done else 0.0,
                     latency_s=time.monotonic() - start, ttft_s=done.ttft_s if done else 0.0,
+                    explored=plan.explored,
                 ))
 
-    async def _query_embedding(self, text: str) -> np.ndarray | None:
+    async def _query_embedding(self, plan: _Plan) -> np.ndarray | None:
+        """The router's embedding of the routed question: the one its reply carried, else
+        one a ``QueryEmbedder`` hands over (the in-process router), else None (the semantic
+        tier is bypassed, e.g. a router older than ``RouteResponse.query_embedding``)."""
+        if plan.embedding is not None:
+            return plan.embedding
         if isinstance(self.router, QueryEmbedder):
-            return await self.router.query_embedding(text)
+            return await self.router.query_embedding(plan.routed_text)
+        if not self._told_no_embedding:
+            self._told_no_embedding = True
+            log.warning(
+                "semantic_cache_no_embedding",
+                reason="the router's reply carried no query embedding (a router that predates "
+                "RouteResponse.query_embedding?): the semantic tier is bypassed, the exact tier "
+                "still works",
+            )
         return None
 
     async def _replay(
@@ -430,7 +463,7 @@ class Dispatcher:
 
     # ---- validation and planning ----
 
-    async def _plan(self, req: ChatRequest, pre: Prefilter, rid: str) -> _Plan:
+    async def _plan(self, req: ChatRequest, pre: Prefilter, rid: str, call: RouteCall) -> _Plan:
         o = req.overrides
         require_local = o.require_local or pre.require_local
         why_local = _why_local(o.require_local, pre)
@@ -456,6 +489,7 @@ class Dispatcher:
                 "forced", 1.0, "forced by overrides.force_target", False, (o.force_target,)
             )
         decision: Decision | None = None
+        explored_target = ""
         if pre.rule is not None:
             route, confidence, fallback = pre.rule.route, 1.0, False
             reason = f"{pre.rule.describe()} matched"
@@ -472,7 +506,7 @@ class Dispatcher:
                 max_cost=o.max_cost,
             )
             history = tuple(user_turns[:-1][-keep:]) if keep else ()
-            decision = await self._ask_router(user_turns[-1], history, policy, rid)
+            decision = await self._ask_router(user_turns[-1], history, policy, rid, call)
             if decision is None:
                 route, confidence, fallback = "default", 0.0, True
                 reason = "router unavailable: static fallback chain (dispatcher.fallback_targets)"
@@ -481,6 +515,11 @@ class Dispatcher:
                 route, confidence = decision.route, decision.confidence
                 fallback, reason = decision.fallback, decision.reason
                 proposed = tuple(decision.targets) or (decision.target,)
+                tried = explore(proposed, decision.scores, rate=self.settings.explore_rate,
+                                tolerance=self.settings.explore_tolerance, rng=self._rng)
+                if tried.explored:
+                    reason += f"; exploring {tried.chain[0]!r} instead of {proposed[0]!r}"
+                    explored_target, proposed = tried.chain[0], tried.chain
         chain, excluded = self._filter(proposed, req, require_local)
         if not chain and require_local and not o.allowed_targets:
             chain, _ = self._filter(tuple(self.backends.local_names()), req, True)
@@ -504,18 +543,23 @@ class Dispatcher:
             raise DispatchFailed(f"no target left for route {route!r}: the chain was empty")
         version = decision.index_version if decision is not None and not pre.rule else ""
         routed = user_turns[-1] if decision is not None and not pre.rule else ""
-        return _Plan(route, confidence, reason, fallback, chain, version, routed)
+        return _Plan(route, confidence, reason, fallback, chain, version, routed,
+                     call.embedding if routed else None,
+                     explored=bool(explored_target) and chain[0] == explored_target)
 
     async def _ask_router(
-        self, text: str, history: tuple[str, ...], policy: Policy, rid: str
+        self, text: str, history: tuple[str, ...], policy: Policy, rid: str, call: RouteCall
     ) -> Decision | None:
         """The router's decision, or None when it cannot be had (unreachable, not ready, its
-        breaker open): the caller then uses the static fallback chain."""
-        # Bind the id around the call only (never across a yield) so the router client
-        # forwards it and both services log the same request id.
+        breaker open): the caller then uses the static fallback chain. ``call`` carries the
+        A/B key to the router client and brings back the query embedding, if asked for."""
+        # Bind the id and the call around the call only (never across a yield) so the router
+        # client forwards them and both services log the same request id.
         token = bind_request_id(rid)
         try:
-            decision: Decision = await self.router.route(text, history=history, policy=policy)
+            with route_call(call):
+                decision: Decision = await self.router.route(text, history=history,
+                                                             policy=policy)
             return decision
         except (Unauthenticated, PermissionDenied) as exc:
             log.error(

@@ -7,8 +7,11 @@ size limits, unknown targets) is the core's job (``Router.validate``), not this 
 
 from __future__ import annotations
 
+import numpy as np
+
 from semroute._proto.semroute.v1 import dispatcher_pb2 as dpb
 from semroute._proto.semroute.v1 import router_pb2 as pb
+from semroute.dispatch.semantic import QueryVector, query_vector
 from semroute.errors import SemrouteError
 from semroute.logs import get_request_id
 from semroute.types import (
@@ -99,6 +102,28 @@ def decision_from_proto(msg: pb.RouteResponse) -> Decision:
         ),
         index_version=msg.index_version,
     )
+
+
+def embedding_to_proto(reply: pb.RouteResponse, vector: np.ndarray, fingerprint: str) -> None:
+    """Put the query embedding ``vector`` (made by the encoder ``fingerprint``) on ``reply``:
+    little-endian float32 bytes and their count (router.proto ``query_embedding``)."""
+    flat = np.asarray(vector, dtype="<f4").reshape(-1)
+    reply.query_embedding = flat.tobytes()
+    reply.embedding_dimension = int(flat.size)
+    reply.encoder_fingerprint = fingerprint
+
+
+def embedding_from_proto(msg: pb.RouteResponse) -> QueryVector | None:
+    """The reply's query embedding tagged with its encoder's fingerprint; None when it carries
+    none (not asked for, an older router) or one that cannot be trusted: no fingerprint, a
+    byte length that is not 4 x ``embedding_dimension``, or values that are not finite."""
+    raw, dimension = msg.query_embedding, msg.embedding_dimension
+    if not raw or dimension <= 0 or len(raw) != 4 * dimension or not msg.encoder_fingerprint:
+        return None
+    values = np.frombuffer(raw, dtype="<f4")
+    if not np.isfinite(values).all():
+        return None
+    return query_vector(values, msg.encoder_fingerprint)
 
 
 def info_to_proto(info: IndexInfo) -> pb.IndexInfo:

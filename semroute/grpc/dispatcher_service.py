@@ -6,6 +6,9 @@ writes with ``context.write`` from a coroutine (not an async generator) while th
 task of its own: when the client cancels or its deadline passes, the CancelledError lands in the
 servicer, which cancels that task, and the chat, and with it the upstream HTTP request, is closed
 before the handler returns.
+
+The call's ``x-semroute-ab-key`` metadata (at most 256 characters, else INVALID_ARGUMENT naming
+it) is the client's A/B key (``Dispatcher.chat``'s ``ab_key``).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from semroute._proto.semroute.v1 import dispatcher_pb2 as pb
 from semroute._proto.semroute.v1 import dispatcher_pb2_grpc as pb_grpc
 from semroute.auth import TokenSet, parse_bearer
 from semroute.config import Settings
-from semroute.dispatch.dispatcher import Dispatcher
+from semroute.dispatch.dispatcher import AB_KEY_HEADER, Dispatcher
 from semroute.errors import InvalidRequest, SemrouteError
 from semroute.grpc.convert import event_to_proto, request_from_proto
 from semroute.grpc.errors import abort
 from semroute.grpc.interceptors import standard_interceptors
+from semroute.grpc.router_service import check_ab_key
 from semroute.grpc.server import (
     SERVER_OPTIONS,
     add_health_and_reflection,
@@ -81,12 +85,19 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         req = dataclasses.replace(request_from_proto(request), tenant=self._tenant(context))
+        ab_key = _metadata_value(context, AB_KEY_HEADER)
+        try:
+            check_ab_key(ab_key, AB_KEY_HEADER)
+        except SemrouteError as exc:
+            await abort(context, exc)
         # The chat runs in its own task and hands events over a queue, so the backend request
         # starts while the decision is still being written to the client (it saves the
         # decision's write time from the time to first token).
         queue: asyncio.Queue[object] = asyncio.Queue()
         # The client's deadline bounds the time to first token across the whole chain.
-        producer = asyncio.create_task(self._produce(req, queue, context.time_remaining()))
+        producer = asyncio.create_task(
+            self._produce(req, queue, context.time_remaining(), ab_key)
+        )
         try:
             while (event := await queue.get()) is not _END:
                 await context.write(event_to_proto(event))  # type: ignore[arg-type]
@@ -109,16 +120,25 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
                 await asyncio.gather(producer, return_exceptions=True)
 
     async def _produce(
-        self, req: ChatRequest, queue: asyncio.Queue[object], deadline_s: float | None
+        self, req: ChatRequest, queue: asyncio.Queue[object], deadline_s: float | None,
+        ab_key: str,
     ) -> None:
         try:
             async with contextlib.aclosing(
-                self._dispatcher.chat(req, deadline_s=deadline_s)
+                self._dispatcher.chat(req, deadline_s=deadline_s, ab_key=ab_key)
             ) as events:
                 async for event in events:
                     queue.put_nowait(event)
         finally:
             queue.put_nowait(_END)
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    """The call's metadata value for ``key`` ("" when absent or binary)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""
 
 
 @dataclass

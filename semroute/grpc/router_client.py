@@ -9,6 +9,10 @@ Failures come back as the ``semroute.errors`` class the server raised (``semrout
 so callers handle local and remote routing the same way; a server that cannot be reached gives
 ``ServiceUnreachable``. The original ``grpc.aio.AioRpcError`` is the ``__cause__`` and its status
 code is kept as ``.grpc_code`` on the raised error.
+
+``RouterClient.route`` also serves the dispatcher's ``RouteCall`` (``semroute.dispatch.semantic``)
+when one is bound around the call: it sends its A/B key (unless ``ab_key`` is given), asks for
+the query embedding when the call wants it, and puts the reply's embedding on the call.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import grpc
 
 from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
+from semroute.dispatch.semantic import current_route_call
 from semroute.errors import ReloadFailed
 from semroute.grpc import convert
+from semroute.grpc.balancing import balancing_options, resolve_policy
 from semroute.grpc.errors import error_from_rpc
 from semroute.grpc.tls import call_metadata, open_channel
 from semroute.logs import get_request_id
@@ -68,6 +74,10 @@ class RouterClient:
     connection, and a router started with ``--processes N`` serves each connection from one of
     its processes (SO_REUSEPORT spreads connections, not calls), so a busy client needs several
     (a few per process) to use them all; a load balancer in front does the same job.
+
+    ``lb_policy``: how calls spread over the addresses ``addr`` resolves to
+    (``semroute.grpc.balancing``): ``auto`` is ``round_robin`` for a target that may name several
+    router replicas (``dns:///host:port``, ``ipv4:a:p,b:p``) and gRPC's default otherwise.
     """
 
     def __init__(
@@ -80,13 +90,17 @@ class RouterClient:
         tls_key: Path | None = None,
         timeout: float = 5.0,
         channels: int = 1,
+        lb_policy: str = "auto",
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels: need at least 1, got {channels}")
         self.addr = addr
         self.timeout = timeout
         self._token = token
-        self._channels = [open_channel(addr, tls_ca, tls_cert, tls_key, options=CHANNEL_OPTIONS)
+        self.lb_policy = resolve_policy(addr, lb_policy) or "pick_first"
+        options: list[tuple[str, int | str]] = [*CHANNEL_OPTIONS,
+                                                *balancing_options(addr, lb_policy)]
+        self._channels = [open_channel(addr, tls_ca, tls_cert, tls_key, options=options)
                           for _ in range(channels)]
         self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
                        for ch in self._channels]
@@ -132,11 +146,17 @@ class RouterClient:
         timeout: float | None = None,
         ab_key: str = "",
     ) -> Decision:
-        """Route one query (``ab_key``: the A/B key, see router.proto)."""
+        """Route one query (``ab_key``: the A/B key, see router.proto; empty: the bound
+        ``RouteCall``'s, if any)."""
         query = Query(text=text, history=tuple(history), policy=policy, explain=explain)
         request = convert.query_to_proto(query)
-        request.ab_key = ab_key
+        call = current_route_call()
+        request.ab_key = ab_key or (call.ab_key if call is not None else "")
+        wanted = call is not None and call.want_embedding
+        request.return_embedding = wanted
         reply = await self._call(self.stub.Route, request, timeout)
+        if call is not None and wanted:
+            call.embedding = convert.embedding_from_proto(reply)
         return convert.decision_from_proto(reply)
 
     async def route_batch(

@@ -174,7 +174,8 @@ class RouterHandle:
             return router
         index = ExemplarIndex.load(path, expect_fingerprint=self._encoder.fingerprint,
                                    mmap=self.mmap_index)
-        return Router(self._encoder, index, self.settings)
+        counts = self._router.stage_counts if self._router is not None else None
+        return Router(self._encoder, index, self.settings, stage_counts=counts)
 
     def _with_index(self, router: Router, path: Path) -> Router:
         from semroute.index import ExemplarIndex
@@ -195,6 +196,8 @@ class RouterHandle:
                 lambda: int(getattr(self._encoder, "hits", 0)),
                 lambda: int(getattr(self._encoder, "misses", 0)),
             )
+        counts = router.stage_counts  # shared by every router built from this one
+        self.metrics.watch_stages(lambda: (counts.static, counts.full))
         if self.on_version is None:
             await set_serving(self.health, [SERVICE_NAME], True)
         self.metrics.ready.set(1)

@@ -15,6 +15,10 @@ which owns the live state:
   the log and the ``reloads{result="error"}`` / ``reload_failed`` metrics;
 - health: NOT_SERVING until the first index is loaded, SERVING after.
 
+A request with ``return_embedding`` also gets the query's embedding and the encoder's
+fingerprint (router.proto ``query_embedding``), from the router that served it: read back from
+its encoder's cache, where routing has just put it (no second encoding unless that cache is off).
+
 Typical use (``semroute.serve.serve_router`` does exactly this)::
 
     server, port, handle = await create_router_server(settings, Path("index_data/build/default"))
@@ -39,6 +43,7 @@ from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
 from semroute.auth import TokenSet
 from semroute.config import Settings
 from semroute.dispatch.validate import check_max_cost, echo
+from semroute.encoder import CachedEncoder
 from semroute.errors import InvalidRequest, SemrouteError
 from semroute.grpc import convert
 from semroute.grpc.errors import abort
@@ -49,7 +54,7 @@ from semroute.grpc.tls import server_credentials
 from semroute.logs import get_logger, get_request_id, text_fields
 from semroute.loop.arms import SERVING, check_mode
 from semroute.metrics import RouterMetrics
-from semroute.types import Decision, Encoder, Query
+from semroute.types import Decision, Encoder, Query, Vectors
 
 if TYPE_CHECKING:
     from semroute.router import Router
@@ -99,6 +104,9 @@ class RouterServicer(pb_grpc.RouterServicer):
                       arm=arm, **text_fields(query.text, log_text=self._log_text))
         reply = convert.decision_to_proto(decision)
         reply.arm = arm
+        if request.return_embedding:
+            vectors = await query_embeddings(chosen, [query.text])
+            convert.embedding_to_proto(reply, vectors[0], chosen.encoder.fingerprint)
         return reply
 
     def _pick(self, serving: Router, query: Query, key: str) -> tuple[str, Router]:
@@ -146,6 +154,16 @@ class RouterServicer(pb_grpc.RouterServicer):
             reply = convert.decision_to_proto(decision)
             reply.arm = arm
             replies.append(reply)
+        wanted = [i for i, r in enumerate(request.requests) if r.return_embedding]
+        # Each query's embedding comes from the arm that routed it, one lookup per arm.
+        by_arm: dict[int, list[int]] = {}
+        for i in wanted:
+            by_arm.setdefault(id(picks[i][1]), []).append(i)
+        for members in by_arm.values():
+            chosen = picks[members[0]][1]
+            vectors = await query_embeddings(chosen, [queries[i].text for i in members])
+            for i, vector in zip(members, vectors, strict=True):
+                convert.embedding_to_proto(replies[i], vector, chosen.encoder.fingerprint)
         annotate_call(queries=len(decisions))
         return pb.RouteBatchResponse(responses=replies)
 
@@ -219,6 +237,20 @@ class RouterServicer(pb_grpc.RouterServicer):
         if result.info is not None:
             reply.index.CopyFrom(convert.info_to_proto(result.info))
         return reply
+
+
+async def query_embeddings(router: Router, texts: list[str]) -> Vectors:
+    """``router``'s own embeddings of ``texts`` (each of the text alone, no history blended
+    in). Just routed, they sit in the encoder's cache: read there, on the event loop (a lookup).
+    Otherwise they are encoded again, on a worker thread, never on the loop: an encoder without
+    that cache, or a two-stage router, whose static stage may have decided without the full
+    encoder (the full encoder's embedding is the one returned, as its fingerprint says)."""
+    encoder = router.encoder
+    cached = isinstance(encoder, CachedEncoder) and encoder.size >= len(texts)
+    if cached and not getattr(router, "two_stage", False):
+        return encoder.encode(texts)
+    vectors: Vectors = await asyncio.to_thread(encoder.encode, texts)
+    return vectors
 
 
 def check_query(query: Query) -> None:

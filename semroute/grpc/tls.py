@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -63,7 +64,7 @@ def open_channel(
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
-    options: list[tuple[str, int]] | None = None,
+    options: Sequence[tuple[str, int | str]] | None = None,
 ) -> grpc.aio.Channel:
     """A client channel to ``addr``: TLS when a CA or a client certificate is given (mutual TLS
     with ``tls_cert`` + ``tls_key``), plaintext otherwise. Both clients open theirs here."""

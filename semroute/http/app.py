@@ -12,7 +12,9 @@ URL. Routes::
 ``model: "auto"`` lets the router decide; a target name forces that target; any other name is a
 404. The decision travels in response headers (``x-semroute-route``, ``-target``,
 ``-confidence``, ``-fallback``) and in an extra ``semroute`` object in the final chunk / the
-response, next to OpenAI's ``usage`` (plus ``cost_usd``).
+response, next to OpenAI's ``usage`` (plus ``cost_usd``). A request header
+``x-semroute-ab-key`` (at most 256 characters) names the key of an A/B split in the router
+(default: the tenant).
 
 The door holds no routing logic: PII rules, fallback, breaker and the commit point all live in the
 ``Dispatcher``. What the door adds is the HTTP side of the commit point: a stream's status line and
@@ -45,7 +47,7 @@ from starlette.routing import Route
 
 from semroute.auth import TokenSet, parse_bearer
 from semroute.config import Settings
-from semroute.dispatch.dispatcher import Dispatcher
+from semroute.dispatch.dispatcher import AB_KEY_HEADER, Dispatcher
 from semroute.dispatch.stats import snapshot
 from semroute.dispatch.validate import ChatLimits, echo
 from semroute.errors import (
@@ -61,6 +63,7 @@ from semroute.errors import (
     TenantLimited,
     UnsupportedMediaType,
 )
+from semroute.grpc.router_service import check_ab_key
 from semroute.http.dashboard import page
 from semroute.http.openai import (
     AUTO_MODEL,
@@ -105,7 +108,7 @@ JSON_TYPES = ("application/json",)
 class ChatService(Protocol):
     """What the door needs from the dispatcher (``semroute.dispatch.dispatcher.Dispatcher`` fits)."""
 
-    def chat(self, req: ChatRequest) -> AsyncIterator[ChatEvent]: ...
+    def chat(self, req: ChatRequest, *, ab_key: str = "") -> AsyncIterator[ChatEvent]: ...
 
     def target_names(self) -> list[str]: ...
 
@@ -255,13 +258,15 @@ class HttpDoor:
     async def _chat_completions(self, request: Request, request_id: str) -> Response:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
+        ab_key = request.headers.get(AB_KEY_HEADER, "")
+        check_ab_key(ab_key, AB_KEY_HEADER)
         raw = await self._read_body(request)
         body = parse_json_body(raw, self._max_depth)
         parsed = parse_chat_body(
             body, self._dispatcher.target_names(), request_id, self._limits
         )
         chat = dataclasses.replace(parsed.request, tenant=request.state.tenant)
-        events = aiter(self._dispatcher.chat(chat))
+        events = aiter(self._dispatcher.chat(chat, ab_key=ab_key))
         handed_over = False
         try:
             decision, pending = await _unless_client_leaves(request, _until_commit(events))

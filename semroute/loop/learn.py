@@ -4,9 +4,12 @@
 into exemplar files a normal ``build_index`` reads, and a routes file that keeps the serving
 index's routes, targets and thresholds:
 
-- an **outcome** index gains one row per logged query with feedback: the served target's score
-  is the feedback (the mean, when a request got several), every other target is unknown (blank),
-  which the decision shrinks toward each target's mean as for any missing score;
+- an **outcome** index gains one row per logged query text with feedback: each target that
+  answered it gets the mean feedback it received (a request's several scores, and repeats of
+  the same text, averaged), every other target stays unknown (blank). The decision compares
+  targets on the fully scored rows and lets a feedback row move only the target that answered
+  it (``semroute.decision.feedback_step``, its weight tuned by the build). A query that is
+  already an exemplar keeps its measured scores; feedback only fills its blank cells;
 - a **labelled** index gains the queries whose answer scored at least ``min_score`` as exemplars
   of the route they were sent to (a low score says the route was wrong, not which one was right,
   so those rows are left out and counted).
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import yaml
 
 from semroute.errors import ConfigError
@@ -124,12 +128,11 @@ def prepare_learning(
 ) -> LearnInput:
     """Write the candidate's exemplar CSV (and routes file) under ``work_dir``.
 
-    ``predict(texts)`` (outcome indexes): the serving router's predicted quality per target for
-    each text. When given, the targets a learnt row has no feedback for are filled with those
-    predictions instead of left blank, so each new row is a whole score vector: feedback where
-    it was measured, the serving index's estimate elsewhere. Blank cells make the new rows
-    drown the fully scored exemplars' evidence on the other targets
-    (``scripts/simulate_feedback.py`` measures both)."""
+    ``predict(texts)`` (outcome indexes; for measurement only, ``semroute learn`` does not pass
+    it): the targets a learnt row has no feedback for are filled with the serving router's
+    predicted quality instead of left blank. That feeds the index its own guesses as if they
+    were observed, and measured worse than blank cells (``scripts/simulate_feedback.py
+    --impute``, docs/LOOP.md)."""
     manifest = read_manifest(version_dir)
     kind = manifest.kind.value
     table = manifest.route_table
@@ -161,20 +164,50 @@ def _write_outcomes(
         raise ConfigError(f"{version_dir}: scores do not match the exemplars; rebuild the index")
     kept = [r for r in train if r.target in targets]
     out.skipped_unknown_target += len(train) - len(kept)
-    estimates: Sequence[Mapping[str, float]] = (
-        predict([r.text for r in kept]) if predict is not None and kept else [{} for _ in kept]
+    merged = merge_feedback(
+        [row["text"] for row in rows], np.asarray(scores, dtype=np.float64), targets, kept
     )
+    learnt_texts = list(merged)[len(rows):]
+    estimates: Sequence[Mapping[str, float]] = (
+        predict(learnt_texts) if predict is not None and learnt_texts
+        else [{} for _ in learnt_texts]
+    )
+    guesses = dict(zip(learnt_texts, estimates, strict=True))
     with out.exemplars_csv.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["text", *targets])
-        for row, values in zip(rows, scores, strict=True):
-            writer.writerow([row["text"], *(_cell(v) for v in values)])
-        for learned, estimate in zip(kept, estimates, strict=True):
-            writer.writerow([learned.text, *(
-                _cell(learned.score) if t == learned.target else _cell(estimate.get(t, math.nan))
-                for t in targets
+        for text, values in merged.items():
+            guess = guesses.get(text, {})
+            writer.writerow([text, *(
+                _cell(v) if math.isfinite(v) else _cell(guess.get(t, math.nan))
+                for t, v in zip(targets, values, strict=True)
             )])
     return kept
+
+
+def merge_feedback(
+    texts: list[str], scores: npt.NDArray[np.float64], targets: list[str],
+    learnt: list[LearnedRow],
+) -> dict[str, list[float]]:
+    """Exemplar rows (text -> one score per target, NaN unknown) after feedback: the serving
+    exemplars first, in their order, then one row per new text in the order first seen.
+
+    A known exemplar score is kept as measured; a blank cell of an exemplar and each cell of a
+    new text get the mean feedback of the target that answered that text (NaN when none did).
+    """
+    column = {t: j for j, t in enumerate(targets)}
+    merged: dict[str, list[float]] = {}
+    for text, values in zip(texts, scores, strict=True):
+        merged.setdefault(text, [float(v) for v in values])
+    sums: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in learnt:
+        sums[(row.text, row.target)].append(row.score)
+    for (text, target), values in sums.items():
+        cells = merged.setdefault(text, [math.nan] * len(targets))
+        j = column[target]
+        if not math.isfinite(cells[j]):
+            cells[j] = float(np.mean(values))
+    return merged
 
 
 def _write_labelled(

@@ -30,7 +30,7 @@ class LogSink:
                 confidence=summary.confidence, fallback=summary.fallback, status=summary.status,
                 tenant=summary.tenant, index_version=summary.index_version,
                 cost_usd=summary.cost_usd, latency_ms=summary.latency_s * 1000,
-                ttft_ms=summary.ttft_s * 1000,
+                ttft_ms=summary.ttft_s * 1000, explored=summary.explored,
                 **query_fields(summary.query, keep_text=self.keep_text),  # type: ignore[arg-type]
             )
             self.log.record(row)

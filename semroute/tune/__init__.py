@@ -89,4 +89,9 @@ def tune_outcome_build(
         "local_k": t.local_k, "local_shrinkage": t.local_shrinkage,
         "use_neighbours": t.use_neighbours,
     }
+    if t.cv_aiq_feedback is not None:
+        figures["cv_aiq_feedback"] = round(t.cv_aiq_feedback, 4)
+    if t.feedback_shrinkage is not None:
+        decision["feedback_shrinkage"] = t.feedback_shrinkage
+        decision["feedback_temperature"] = t.feedback_temperature
     return BuildTuning(decision, figures, t.summary())

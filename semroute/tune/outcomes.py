@@ -6,16 +6,25 @@ point with the best AIQ wins (k x temperature x shrinkage, then the local step g
 If that AIQ does not beat the single targets' hull on the same rows, the index is marked to
 ignore its neighbours: every query then gets the targets' mean scores, which is the best single
 target for each cost weight, so the index never lands below that hull on its own folds.
+
+Rows with missing scores (learnt from feedback: only the target that answered is known) are
+never held out: a route can only be scored where every target's outcome is known. With enough
+fully scored rows, the settings above are tuned on those alone (the decision's estimate runs
+over them, ``decision.predict_quality``), then the feedback rows' pseudo-count
+(``feedback_shrinkage``, ``decision.feedback_step``) is chosen on the same folds with every
+feedback row as a neighbour; it is kept only when it beats ignoring them. With too few fully
+scored rows every row is held out, unknown scores counted at the target's mean.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 
+from semroute.decision import MAX_SEARCH_WIDTH, observed_first, search_width
 from semroute.tune.folds import random_folds, top_neighbours
 from semroute.tune.frontier import aiq, cost_quality_sweep, single_targets
 
@@ -27,6 +36,8 @@ TEMPERATURE_GRID: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3, 1.0)
 SHRINKAGE_GRID: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
 LOCAL_K_GRID: tuple[int, ...] = (10, 20, 40)
 LOCAL_SHRINKAGE_GRID: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0)
+FEEDBACK_SHRINKAGE_GRID: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
+FEEDBACK_TEMPERATURE_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
 UNTUNED = {"k": 10, "temperature": 0.05, "shrinkage": 1.0, "local_k": 0}
 
 
@@ -47,6 +58,9 @@ class OutcomeTuning:
     folds: int
     seconds: float = 0.0
     grid: tuple[tuple[int, float, float, int, float, float], ...] = field(default=(), repr=False)
+    feedback_shrinkage: float | None = None  # None: rows learnt from feedback are ignored
+    feedback_temperature: float = 0.05
+    cv_aiq_feedback: float | None = None  # of the best feedback_shrinkage, when there are any
 
     def summary(self) -> str:
         mode = (
@@ -55,6 +69,13 @@ class OutcomeTuning:
             if self.use_neighbours
             else "neighbours off (best single target per cost level)"
         )
+        if self.cv_aiq_feedback is not None:
+            mode += (
+                f"; feedback rows {'off' if self.feedback_shrinkage is None else 'shrinkage'} "
+                f"{'' if self.feedback_shrinkage is None else f'{self.feedback_shrinkage:g} '}"
+                f"{'' if self.feedback_shrinkage is None else f'T {self.feedback_temperature:g} '}"
+                f"(best AIQ with them {self.cv_aiq_feedback:.4f})"
+            )
         return (
             f"tuned on {self.folds}-fold CV: {mode}; AIQ {self.cv_aiq:.4f} (kNN "
             f"{self.cv_aiq_knn:.4f}, untuned {self.cv_aiq_untuned:.4f}, single-target hull "
@@ -71,29 +92,37 @@ def predict_batch(
     shrinkage: float,
     local_k: int = 0,
     local_shrinkage: float = 100.0,
+    k: int = 0,
 ) -> FloatArray:
-    """``decision.predict_quality`` for many queries: ``sims`` (n, k) best first, ``scores``
-    (n, k, targets) with NaN unknown, ``weights`` (n, k) exemplar weights, ``prior`` (n, targets)
-    or (targets,)."""
+    """``decision.predict_quality`` for many queries: ``sims`` (n, w) best first, ``scores``
+    (n, w, targets) with NaN unknown, ``weights`` (n, w) exemplar weights, ``prior``
+    (n, targets) or (targets,); per target the first ``k`` neighbours that observed it count
+    (all when 0)."""
     broad = _shrunk(sims, scores, weights, np.broadcast_to(prior, (len(sims), scores.shape[2])),
-                    temperature, shrinkage)
-    if 0 < local_k < sims.shape[1]:
-        return _shrunk(sims[:, :local_k], scores[:, :local_k], weights[:, :local_k], broad,
-                       temperature, local_shrinkage)
+                    temperature, shrinkage, k)
+    if 0 < local_k < (k or sims.shape[1]):
+        return _shrunk(sims, scores, weights, broad, temperature, local_shrinkage, local_k)
     return broad
 
 
 def _shrunk(
     sims: Matrix, scores: FloatArray, weights: Matrix, prior: FloatArray, temperature: float,
-    shrinkage: float,
+    shrinkage: float, limit: int = 0,
 ) -> FloatArray:
+    known = np.isfinite(scores)
+    if limit and known.all():  # fully scored: the first ``limit`` neighbours, as before
+        sims, scores, weights, known = (sims[:, :limit], scores[:, :limit], weights[:, :limit],
+                                        known[:, :limit])
+        limit = 0
     s = np.asarray(sims, dtype=np.float64)
     w = np.exp((s - s.max(axis=1, keepdims=True)) / temperature) * weights
-    w = w * (s.shape[1] / np.maximum(w.sum(axis=1, keepdims=True), 1e-12))
-    known = np.isfinite(scores)
+    used = observed_first(known, limit, axis=1).astype(np.float64)
+    count = used.sum(axis=1)
+    wt = w[:, :, None] * used
+    scale = count / np.maximum(wt.sum(axis=1), 1e-300)
     filled = np.where(known, scores, 0.0)
-    num = np.einsum("nk,nkt->nt", w, filled) + shrinkage * prior
-    den = np.einsum("nk,nkt->nt", w, known.astype(np.float64)) + shrinkage
+    num = np.einsum("nkt,nkt->nt", wt, filled) * scale + shrinkage * prior
+    den = count + shrinkage
     out: FloatArray = np.where(den > 0, num / np.maximum(den, 1e-12), prior)
     return out
 
@@ -116,16 +145,30 @@ def tune_outcomes(
     w_ex = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
     if len(x) < 4 * n_folds or y.shape[1] < 2 or float(c.max() - c.min()) <= 0:
         return None
-    # Unknown scores count at the target's mean, the same place the estimator shrinks them to.
+    whole: npt.NDArray[np.bool_] = np.asarray(np.isfinite(y).all(axis=1), dtype=bool)
+    if not whole.all() and whole.sum() >= 4 * n_folds:
+        scored = tune_outcomes(x[whole], y[whole], c, w_ex[whole], n_folds=n_folds, seed=seed)
+        if scored is None or not scored.use_neighbours:
+            return scored
+        return _with_feedback(x, y, c, w_ex, whole, scored, seed, started)
+    # Held out: the fully scored rows (the only ones whose every choice can be scored), or, when
+    # they are too few, every row with its unknown scores counted at the target's mean (the
+    # place the estimator shrinks them to). The other rows are neighbours in every fold.
+    complete = np.flatnonzero(np.isfinite(y).all(axis=1))
+    rows = complete if len(complete) >= 4 * n_folds else np.arange(len(x))
     means = np.nanmean(np.where(np.isfinite(y), y, np.nan), axis=0)
     means = np.where(np.isfinite(means), means, 0.0)
-    truth = np.where(np.isfinite(y), y, means)
-    fold = random_folds(len(x), n_folds, seed)
-    kmax = min(max(K_GRID), int(np.bincount(fold).min() * (n_folds - 1)))
+    truth = np.where(np.isfinite(y[rows]), y[rows], means)
+    fold = np.full(len(x), -1, dtype=np.int64)
+    fold[rows] = random_folds(len(rows), n_folds, seed)
+    always_base = len(x) - len(rows)
+    kmax = min(max(K_GRID),
+               int(np.bincount(fold[rows]).min() * (n_folds - 1)) + always_base)
+    width = search_width(kmax, y.astype(np.float32))
     held_rows, fold_sims, fold_ids, priors = [], [], [], []
     for f in range(n_folds):
-        base, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        sims, idx = top_neighbours(x[held], x[base], kmax)
+        base, held = np.flatnonzero(fold != f), np.flatnonzero(fold[rows] == f)
+        sims, idx = top_neighbours(x[rows[held]], x[base], width)
         prior = np.nanmean(y[base], axis=0)
         held_rows.append(held)
         fold_sims.append(sims)
@@ -135,9 +178,10 @@ def tune_outcomes(
 
     def cv_aiq(k: int, t: float, m: float, lk: int = 0, lm: float = 100.0) -> float:
         pred = np.zeros_like(truth)
+        w = search_width(k, y.astype(np.float32))
         for held, sims, ids, prior in zip(held_rows, fold_sims, fold_ids, priors, strict=True):
-            pred[held] = predict_batch(sims[:, :k], y[ids[:, :k]], w_ex[ids[:, :k]], prior, t, m,
-                                       lk, lm)
+            pred[held] = predict_batch(sims[:, :w], y[ids[:, :w]], w_ex[ids[:, :w]], prior, t, m,
+                                       lk, lm, k)
         return aiq(cost_quality_sweep(pred, truth, c), lo_hi)
 
     grid: list[tuple[int, float, float, int, float, float]] = []
@@ -161,4 +205,49 @@ def tune_outcomes(
         cv_aiq=best if use else hull, cv_aiq_knn=best, cv_aiq_untuned=untuned,
         cv_aiq_single_targets=hull, folds=n_folds, seconds=time.perf_counter() - started,
         grid=tuple(grid),
+    )
+
+
+def _with_feedback(
+    x: Matrix, y: FloatArray, c: FloatArray, w_ex: Matrix, complete: npt.NDArray[np.bool_],
+    scored: OutcomeTuning, seed: int, started: float,
+) -> OutcomeTuning:
+    """``scored`` (tuned on the fully scored rows) plus the feedback rows' pseudo-count, chosen
+    on the same folds of the fully scored rows with every feedback row as a neighbour, as
+    ``decision.feedback_step`` weighs them."""
+    xc, yc, wc = x[complete], y[complete], w_ex[complete]
+    part = np.flatnonzero(~complete)
+    fold = random_folds(len(xc), scored.folds, seed)
+    t, k = scored.temperature, scored.k
+    broad = np.zeros_like(yc)
+    num = {tf: np.zeros_like(yc) for tf in FEEDBACK_TEMPERATURE_GRID}
+    den = {tf: np.zeros_like(yc) for tf in FEEDBACK_TEMPERATURE_GRID}
+    for f in range(scored.folds):
+        base, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        sims, idx = top_neighbours(xc[held], xc[base], k)
+        prior = np.nanmean(yc[base], axis=0)
+        broad[held] = predict_batch(sims, yc[base][idx], wc[base][idx], prior, t,
+                                    scored.shrinkage, scored.local_k, scored.local_shrinkage)
+        fsims, fidx = top_neighbours(xc[held], x[part], min(len(part), MAX_SEARCH_WIDTH))
+        gap = (fsims - sims[:, :1]).astype(np.float64)  # against the best fully scored row
+        values = y[part][fidx]
+        known = np.isfinite(values)
+        first = observed_first(known, k, axis=1)
+        filled = np.where(known, values, 0.0)
+        for tf in FEEDBACK_TEMPERATURE_GRID:
+            w = np.minimum(1.0, np.exp(gap / tf)) * w_ex[part][fidx]
+            used = w[:, :, None] * first
+            num[tf][held] = np.einsum("nkt,nkt->nt", used, filled)
+            den[tf][held] = used.sum(axis=1)
+    lo_hi = (float(c.min()), float(c.max()))
+    without = aiq(cost_quality_sweep(broad, yc, c), lo_hi)
+    tried = [(m, tf, aiq(cost_quality_sweep((num[tf] + m * broad) / (den[tf] + m), yc, c),
+                         lo_hi))
+             for tf in FEEDBACK_TEMPERATURE_GRID for m in FEEDBACK_SHRINKAGE_GRID]
+    m, tf, best = max(tried, key=lambda g: g[2])
+    keep = best > without + 1e-9  # strictly: feedback rows must earn their place
+    return replace(
+        scored, feedback_shrinkage=m if keep else None, feedback_temperature=tf,
+        cv_aiq_feedback=best, cv_aiq=best if keep else scored.cv_aiq,
+        seconds=time.perf_counter() - started,
     )

@@ -55,6 +55,7 @@ class ChatOutcome:
     route: str = ""
     chain: tuple[str, ...] = ()
     error: str = ""
+    resent: int = 0  # times the client resent it after nginx closed the connection unanswered
 
 
 @dataclass
@@ -126,18 +127,29 @@ async def _route(router: pb_grpc.RouterStub, prompt: str) -> RouteOutcome:
 
 
 async def _chat(http: httpx.AsyncClient, base: str, prompt: str, out: ChatOutcome) -> None:
+    """One streamed chat. Like the OpenAI SDK, a request that got no response at all because
+    the pooled keep-alive connection was closed under it (``RemoteProtocolError`` before any
+    status) is sent once more on a new connection; ``out.resent`` counts it, so the test can
+    tell a client-side keep-alive race from a server that failed the call."""
     body = {"model": "auto", "stream": True, "max_tokens": 32,
             "messages": [{"role": "user", "content": prompt}]}
-    try:
-        async with http.stream("POST", f"{base}/chat/completions", json=body) as response:
-            out.status = response.status_code
-            out.upstream = response.headers.get("x-semroute-upstream", "")
-            if response.status_code != 200:
-                out.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
-            else:
-                await _read_stream(response, out)
-    except httpx.HTTPError as exc:
-        out.error = f"{type(exc).__name__}: {exc}"
+    for attempt in range(2):
+        try:
+            async with http.stream("POST", f"{base}/chat/completions", json=body) as response:
+                out.status = response.status_code
+                out.upstream = response.headers.get("x-semroute-upstream", "")
+                if response.status_code != 200:
+                    out.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                else:
+                    await _read_stream(response, out)
+        except httpx.RemoteProtocolError as exc:
+            if out.status == 0 and attempt == 0:
+                out.resent += 1
+                continue
+            out.error = f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
+            out.error = f"{type(exc).__name__}: {exc}"
+        break
     out.ended = time.monotonic()
 
 

@@ -31,7 +31,7 @@ class _EchoDispatcher:
     def target_names(self) -> list[str]:
         return ["local-small"]
 
-    async def chat(self, req: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def chat(self, req: ChatRequest, *, ab_key: str = "") -> AsyncIterator[ChatEvent]:
         self.requests.append(req)
         yield DecisionEvent("chitchat", "local-small", 1.0, "test", False, ("local-small",))
         yield DeltaEvent("hi")

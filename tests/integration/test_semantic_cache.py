@@ -5,6 +5,7 @@ and conversations with earlier turns use the exact tier only."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from tests.integration.dispatcher_fixtures import (
 pytestmark = pytest.mark.integration
 __all__ = ["llms", "make_stack"]  # fixtures, imported for pytest
 
-RETYPED = "write a short poem about autumn leaves please"  # cosine 0.978 to CREATIVE_PROMPT
+RETYPED = "write a short poem about autumn leaves please"  # cosine about 0.98 to CREATIVE_PROMPT
 DIFFERENT = "Write a long essay about autumn leaves"  # cosine 0.877
 
 
@@ -54,7 +55,9 @@ async def test_retyped_question_is_a_semantic_hit(make_stack: StackFactory) -> N
     again = await _ask(stack, RETYPED)
     decision, done = again[0], again[-1]
     assert isinstance(decision, DecisionEvent) and decision.cache == "hit"
-    assert decision.reason.startswith("response cache: semantic match (similarity 0.97")
+    match = re.fullmatch(r"response cache: semantic match \(similarity ([0-9.]+)\)",
+                         decision.reason)
+    assert match is not None and float(match.group(1)) >= 0.95, decision.reason
     assert isinstance(done, DoneEvent) and done.cache == "hit" and done.cost_usd == 0.0
     assert done.target == first[-1].target
     assert _backend_calls(stack) == calls

@@ -19,7 +19,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # ``semroute`` itself is the core's public face (``from semroute import Router``).
     ("core", ("semroute", "semroute.exemplars", "semroute.encoder", "semroute.index", "semroute.decision",
               "semroute.router", "semroute.projection", "semroute.export", "semroute.tune",
-              "semroute.abstain", "semroute.encoder_tune")),
+              "semroute.abstain", "semroute.encoder_tune", "semroute.static_encoder",
+              "semroute.two_stage")),
     ("dispatch", ("semroute.dispatch",)),
     ("loop", ("semroute.loop",)),
     ("grpc", ("semroute.grpc",)),

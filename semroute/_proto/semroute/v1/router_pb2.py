@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semroute/v1/router.proto\x12\x0bsemroute.v1\"w\n\x06Policy\x12\x17\n\x0f\x61llowed_targets\x18\x01 \x03(\t\x12\x15\n\rrequire_local\x18\x02 \x01(\x08\x12\x15\n\x08max_cost\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11quality_tolerance\x18\x04 \x01(\x01\x42\x0b\n\t_max_cost\"t\n\x0cRouteRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\t\x12#\n\x06policy\x18\x03 \x01(\x0b\x32\x13.semroute.v1.Policy\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x12\x0e\n\x06\x61\x62_key\x18\x05 \x01(\t\"G\n\x08Neighbor\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\xaa\x02\n\rRouteResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x36\n\x06scores\x18\x06 \x03(\x0b\x32&.semroute.v1.RouteResponse.ScoresEntry\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12(\n\tneighbors\x18\x08 \x03(\x0b\x32\x15.semroute.v1.Neighbor\x12\x15\n\rindex_version\x18\t \x01(\t\x12\x0b\n\x03\x61rm\x18\n \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"@\n\x11RouteBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.semroute.v1.RouteRequest\"C\n\x12RouteBatchResponse\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.semroute.v1.RouteResponse\"\xc5\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\texemplars\x18\x04 \x01(\x03\x12\x11\n\tdimension\x18\x05 \x01(\x05\x12\x0e\n\x06routes\x18\x06 \x03(\t\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x08 \x01(\t\x12\x15\n\rfaiss_factory\x18\t \x01(\t\x12\x10\n\x08\x62uilt_at\x18\n \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x99\x01\n\x14GetIndexInfoResponse\x12%\n\x05index\x18\x01 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12)\n\tcandidate\x18\x02 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12\x16\n\x0e\x63\x61ndidate_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_share\x18\x04 \x01(\x01\"\"\n\x12ReloadIndexRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x82\x01\n\x13ReloadIndexResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12%\n\x05index\x18\x04 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12\x18\n\x10previous_version\x18\x05 \x01(\t\"@\n\x13SetCandidateRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\"A\n\x0eRouteAgreement\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08\x63ompared\x18\x02 \x01(\x03\x12\x0e\n\x06\x61greed\x18\x03 \x01(\x03\"\x8e\x01\n\x14SetCandidateResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12)\n\tcandidate\x18\x03 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12.\n\tagreement\x18\x04 \x03(\x0b\x32\x1b.semroute.v1.RouteAgreement2\x93\x03\n\x06Router\x12>\n\x05Route\x12\x19.semroute.v1.RouteRequest\x1a\x1a.semroute.v1.RouteResponse\x12M\n\nRouteBatch\x12\x1e.semroute.v1.RouteBatchRequest\x1a\x1f.semroute.v1.RouteBatchResponse\x12S\n\x0cGetIndexInfo\x12 .semroute.v1.GetIndexInfoRequest\x1a!.semroute.v1.GetIndexInfoResponse\x12P\n\x0bReloadIndex\x12\x1f.semroute.v1.ReloadIndexRequest\x1a .semroute.v1.ReloadIndexResponse\x12S\n\x0cSetCandidate\x12 .semroute.v1.SetCandidateRequest\x1a!.semroute.v1.SetCandidateResponseB+\n\x0f\x64\x65v.semroute.v1P\x01Z\x16semroute/v1;semroutev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18semroute/v1/router.proto\x12\x0bsemroute.v1\"w\n\x06Policy\x12\x17\n\x0f\x61llowed_targets\x18\x01 \x03(\t\x12\x15\n\rrequire_local\x18\x02 \x01(\x08\x12\x15\n\x08max_cost\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11quality_tolerance\x18\x04 \x01(\x01\x42\x0b\n\t_max_cost\"\x8e\x01\n\x0cRouteRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\t\x12#\n\x06policy\x18\x03 \x01(\x0b\x32\x13.semroute.v1.Policy\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x12\x0e\n\x06\x61\x62_key\x18\x05 \x01(\t\x12\x18\n\x10return_embedding\x18\x06 \x01(\x08\"G\n\x08Neighbor\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\xfd\x02\n\rRouteResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x36\n\x06scores\x18\x06 \x03(\x0b\x32&.semroute.v1.RouteResponse.ScoresEntry\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12(\n\tneighbors\x18\x08 \x03(\x0b\x32\x15.semroute.v1.Neighbor\x12\x15\n\rindex_version\x18\t \x01(\t\x12\x0b\n\x03\x61rm\x18\n \x01(\t\x12\x17\n\x0fquery_embedding\x18\x0b \x01(\x0c\x12\x1b\n\x13\x65mbedding_dimension\x18\x0c \x01(\x05\x12\x1b\n\x13\x65ncoder_fingerprint\x18\r \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"@\n\x11RouteBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.semroute.v1.RouteRequest\"C\n\x12RouteBatchResponse\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.semroute.v1.RouteResponse\"\xc5\x01\n\tIndexInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\texemplars\x18\x04 \x01(\x03\x12\x11\n\tdimension\x18\x05 \x01(\x05\x12\x0e\n\x06routes\x18\x06 \x03(\t\x12\x0f\n\x07targets\x18\x07 \x03(\t\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x08 \x01(\t\x12\x15\n\rfaiss_factory\x18\t \x01(\t\x12\x10\n\x08\x62uilt_at\x18\n \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x99\x01\n\x14GetIndexInfoResponse\x12%\n\x05index\x18\x01 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12)\n\tcandidate\x18\x02 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12\x16\n\x0e\x63\x61ndidate_mode\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_share\x18\x04 \x01(\x01\"\"\n\x12ReloadIndexRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x82\x01\n\x13ReloadIndexResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12%\n\x05index\x18\x04 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12\x18\n\x10previous_version\x18\x05 \x01(\t\"@\n\x13SetCandidateRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\"A\n\x0eRouteAgreement\x12\r\n\x05route\x18\x01 \x01(\t\x12\x10\n\x08\x63ompared\x18\x02 \x01(\x03\x12\x0e\n\x06\x61greed\x18\x03 \x01(\x03\"\x8e\x01\n\x14SetCandidateResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12)\n\tcandidate\x18\x03 \x01(\x0b\x32\x16.semroute.v1.IndexInfo\x12.\n\tagreement\x18\x04 \x03(\x0b\x32\x1b.semroute.v1.RouteAgreement2\x93\x03\n\x06Router\x12>\n\x05Route\x12\x19.semroute.v1.RouteRequest\x1a\x1a.semroute.v1.RouteResponse\x12M\n\nRouteBatch\x12\x1e.semroute.v1.RouteBatchRequest\x1a\x1f.semroute.v1.RouteBatchResponse\x12S\n\x0cGetIndexInfo\x12 .semroute.v1.GetIndexInfoRequest\x1a!.semroute.v1.GetIndexInfoResponse\x12P\n\x0bReloadIndex\x12\x1f.semroute.v1.ReloadIndexRequest\x1a .semroute.v1.ReloadIndexResponse\x12S\n\x0cSetCandidate\x12 .semroute.v1.SetCandidateRequest\x1a!.semroute.v1.SetCandidateResponseB+\n\x0f\x64\x65v.semroute.v1P\x01Z\x16semroute/v1;semroutev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_POLICY']._serialized_start=41
   _globals['_POLICY']._serialized_end=160
-  _globals['_ROUTEREQUEST']._serialized_start=162
-  _globals['_ROUTEREQUEST']._serialized_end=278
-  _globals['_NEIGHBOR']._serialized_start=280
-  _globals['_NEIGHBOR']._serialized_end=351
-  _globals['_ROUTERESPONSE']._serialized_start=354
-  _globals['_ROUTERESPONSE']._serialized_end=652
-  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_start=607
-  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_end=652
-  _globals['_ROUTEBATCHREQUEST']._serialized_start=654
-  _globals['_ROUTEBATCHREQUEST']._serialized_end=718
-  _globals['_ROUTEBATCHRESPONSE']._serialized_start=720
-  _globals['_ROUTEBATCHRESPONSE']._serialized_end=787
-  _globals['_INDEXINFO']._serialized_start=790
-  _globals['_INDEXINFO']._serialized_end=987
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=989
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1010
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=1013
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=1166
-  _globals['_RELOADINDEXREQUEST']._serialized_start=1168
-  _globals['_RELOADINDEXREQUEST']._serialized_end=1202
-  _globals['_RELOADINDEXRESPONSE']._serialized_start=1205
-  _globals['_RELOADINDEXRESPONSE']._serialized_end=1335
-  _globals['_SETCANDIDATEREQUEST']._serialized_start=1337
-  _globals['_SETCANDIDATEREQUEST']._serialized_end=1401
-  _globals['_ROUTEAGREEMENT']._serialized_start=1403
-  _globals['_ROUTEAGREEMENT']._serialized_end=1468
-  _globals['_SETCANDIDATERESPONSE']._serialized_start=1471
-  _globals['_SETCANDIDATERESPONSE']._serialized_end=1613
-  _globals['_ROUTER']._serialized_start=1616
-  _globals['_ROUTER']._serialized_end=2019
+  _globals['_ROUTEREQUEST']._serialized_start=163
+  _globals['_ROUTEREQUEST']._serialized_end=305
+  _globals['_NEIGHBOR']._serialized_start=307
+  _globals['_NEIGHBOR']._serialized_end=378
+  _globals['_ROUTERESPONSE']._serialized_start=381
+  _globals['_ROUTERESPONSE']._serialized_end=762
+  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_start=717
+  _globals['_ROUTERESPONSE_SCORESENTRY']._serialized_end=762
+  _globals['_ROUTEBATCHREQUEST']._serialized_start=764
+  _globals['_ROUTEBATCHREQUEST']._serialized_end=828
+  _globals['_ROUTEBATCHRESPONSE']._serialized_start=830
+  _globals['_ROUTEBATCHRESPONSE']._serialized_end=897
+  _globals['_INDEXINFO']._serialized_start=900
+  _globals['_INDEXINFO']._serialized_end=1097
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1099
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1120
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=1123
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=1276
+  _globals['_RELOADINDEXREQUEST']._serialized_start=1278
+  _globals['_RELOADINDEXREQUEST']._serialized_end=1312
+  _globals['_RELOADINDEXRESPONSE']._serialized_start=1315
+  _globals['_RELOADINDEXRESPONSE']._serialized_end=1445
+  _globals['_SETCANDIDATEREQUEST']._serialized_start=1447
+  _globals['_SETCANDIDATEREQUEST']._serialized_end=1511
+  _globals['_ROUTEAGREEMENT']._serialized_start=1513
+  _globals['_ROUTEAGREEMENT']._serialized_end=1578
+  _globals['_SETCANDIDATERESPONSE']._serialized_start=1581
+  _globals['_SETCANDIDATERESPONSE']._serialized_end=1723
+  _globals['_ROUTER']._serialized_start=1726
+  _globals['_ROUTER']._serialized_end=2129
 # @@protoc_insertion_point(module_scope)

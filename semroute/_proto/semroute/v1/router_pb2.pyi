@@ -20,18 +20,20 @@ class Policy(_message.Message):
     def __init__(self, allowed_targets: _Optional[_Iterable[str]] = ..., require_local: _Optional[bool] = ..., max_cost: _Optional[float] = ..., quality_tolerance: _Optional[float] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("query", "history", "policy", "explain", "ab_key")
+    __slots__ = ("query", "history", "policy", "explain", "ab_key", "return_embedding")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     AB_KEY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     query: str
     history: _containers.RepeatedScalarFieldContainer[str]
     policy: Policy
     explain: bool
     ab_key: str
-    def __init__(self, query: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., explain: _Optional[bool] = ..., ab_key: _Optional[str] = ...) -> None: ...
+    return_embedding: bool
+    def __init__(self, query: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., explain: _Optional[bool] = ..., ab_key: _Optional[str] = ..., return_embedding: _Optional[bool] = ...) -> None: ...
 
 class Neighbor(_message.Message):
     __slots__ = ("id", "text", "label", "similarity")
@@ -46,7 +48,7 @@ class Neighbor(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., label: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("route", "target", "confidence", "fallback", "reason", "scores", "targets", "neighbors", "index_version", "arm")
+    __slots__ = ("route", "target", "confidence", "fallback", "reason", "scores", "targets", "neighbors", "index_version", "arm", "query_embedding", "embedding_dimension", "encoder_fingerprint")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,9 @@ class RouteResponse(_message.Message):
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     route: str
     target: str
     confidence: float
@@ -74,7 +79,10 @@ class RouteResponse(_message.Message):
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     index_version: str
     arm: str
-    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., fallback: _Optional[bool] = ..., reason: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., targets: _Optional[_Iterable[str]] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    query_embedding: bytes
+    embedding_dimension: int
+    encoder_fingerprint: str
+    def __init__(self, route: _Optional[str] = ..., target: _Optional[str] = ..., confidence: _Optional[float] = ..., fallback: _Optional[bool] = ..., reason: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., targets: _Optional[_Iterable[str]] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ..., arm: _Optional[str] = ..., query_embedding: _Optional[bytes] = ..., embedding_dimension: _Optional[int] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RouteBatchRequest(_message.Message):
     __slots__ = ("requests",)

@@ -1,0 +1,261 @@
+"""The two-stage encoder: the static stage's leave-one-out gate, the switch, fingerprints.
+
+A hash encoder stands in for the full encoder and a random word table for the static model,
+so these need no model; the real pair is measured by scripts/bench_two_stage.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from semroute.config import EncoderSettings, Settings
+from semroute.decision import DecisionParams, decide_labelled
+from semroute.errors import FingerprintMismatch
+from semroute.index import ExemplarIndex, build_index, read_manifest
+from semroute.manifest import StaticRecord
+from semroute.metrics import RouterMetrics
+from semroute.router import Router, effective_decision
+from semroute.static_encoder import StaticEncoder, write_static_model
+from semroute.two_stage import (
+    AGREEMENT_TARGET,
+    MIN_ANSWERED,
+    largest_agreeing_prefix,
+    static_votes,
+)
+from semroute.types import Policy, Query
+from tests.conftest import HashEncoder, write
+
+ROUTES = 6
+POOL = 8  # words of each route's own vocabulary
+SHARED = [f"common{i}" for i in range(20)]
+
+
+def words(route: int) -> list[str]:
+    return [f"r{route}w{j}" for j in range(POOL)]
+
+
+def exemplar_csv(seed: int = 0, per_route: int = 40, ambiguous: int = 40) -> str:
+    """Clean exemplars (a route's own words plus shared noise) and ambiguous ones (words of
+    two routes, either label), so the two encoders agree on most rows but not all."""
+    rng = np.random.default_rng(seed)
+    rows = ["text,label"]
+    for r in range(ROUTES):
+        for _ in range(per_route):
+            own = list(rng.choice(words(r), 3, replace=False))
+            rows.append(" ".join([*own, str(rng.choice(SHARED))]) + f",r{r}")
+    for _ in range(ambiguous):
+        a, b = rng.choice(ROUTES, 2, replace=False)
+        mixed = list(rng.choice(words(int(a)), 2)) + list(rng.choice(words(int(b)), 2))
+        rows.append(" ".join([*mixed, str(rng.choice(SHARED))]) + f",r{rng.choice([a, b])}")
+    return "\n".join(dict.fromkeys(rows)) + "\n"
+
+
+def static_model(tmp_path: Path, source: str, seed: int = 1, name: str = "static") -> StaticEncoder:
+    """A word-level static model: a seeded random vector per word, route words sharing a
+    route direction (so its neighbours resemble, but are not, the hash encoder's)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab_words = ["[UNK]"] + [w for r in range(ROUTES) for w in words(r)] + SHARED
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    tokenizer_file = tmp_path / f"{name}-tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    rng = np.random.default_rng(seed)
+    route_dirs = rng.normal(size=(ROUTES, 16))
+    table = rng.normal(scale=0.8, size=(len(vocab), 16))
+    for r in range(ROUTES):
+        for w in words(r):
+            table[vocab[w]] += route_dirs[r]
+    table[vocab["[UNK]"]] = 0.0
+    out = write_static_model(tmp_path / name, table.astype(np.float32), tokenizer_file,
+                             source_fingerprint=source, max_tokens=64)
+    return StaticEncoder.load(out)
+
+
+class BlendEncoder(HashEncoder):
+    """The stand-in full encoder: the static model's words plus hashed words, so the two
+    stages agree on most exemplars but not on all."""
+
+    def __init__(self, model: StaticEncoder) -> None:
+        super().__init__(dimension=256)
+        self.model = model
+
+    @property
+    def dimension(self) -> int:
+        return 256 + self.model.dimension
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        v = np.concatenate([self.model.encode(texts), super().encode(texts)], axis=1)
+        return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)).astype(np.float32)
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> tuple[HashEncoder, StaticEncoder, Path]:
+    model = static_model(tmp_path, HashEncoder().fingerprint)
+    enc = BlendEncoder(model)
+    csv = write(tmp_path / "ex.csv", exemplar_csv())
+    build_index([csv], tmp_path / "idx", enc, progress=False, tune=False, static_model=model)
+    return enc, model, tmp_path / "idx"
+
+
+def two_stage(on: bool) -> Settings:
+    return Settings(encoder=EncoderSettings(two_stage=on, cache_size=0))
+
+
+def brute_loo(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, ids, axis=1).astype(np.float32), ids.astype(np.int64)
+
+
+def test_loo_threshold_agrees_on_answered_exemplars(
+    built: tuple[HashEncoder, StaticEncoder, Path],
+) -> None:
+    """Recomputed from scratch (brute-force neighbours without the exemplar itself, the full
+    decision as the router makes it), the exemplars the stored gate answers agree with the
+    full decision on >= 99.5% of them, and the gate answers some but not all."""
+    enc, model, root = built
+    index = ExemplarIndex.load(root)
+    record = index.manifest.static
+    assert record is not None and np.isfinite(record.threshold)
+    decision = effective_decision(Settings().decision, index.manifest.decision)
+    params = DecisionParams(temperature=decision.temperature,
+                            null_similarity=decision.null_similarity)
+    full_sims, full_ids = brute_loo(enc.encode(index.texts), record.k)
+    reference = [
+        decide_labelled(full_sims[i], full_ids[i], index.labels, index.weights,
+                        index.route_table, Policy(), params).route
+        for i in range(index.size)
+    ]
+    names = sorted(set(index.labels.tolist()))
+    codes = np.asarray([names.index(x) for x in index.labels.tolist()], dtype=np.int64)
+    s_sims, s_ids = brute_loo(model.encode(index.texts), record.k)
+    winner, share = static_votes(s_sims, s_ids, codes, index.weights, record.temperature,
+                                 record.null_similarity)
+    answered = (share >= record.threshold) & (s_sims[:, 0] >= record.min_similarity)
+    agree = np.asarray([names[w] == ref for w, ref in zip(winner, reference, strict=True)])
+    assert MIN_ANSWERED <= answered.sum() < index.size
+    assert agree[answered].mean() >= AGREEMENT_TARGET
+    assert not agree.all()  # the data has disagreements: the gate had something to avoid
+    # The thresholds sit on exemplars' own values (share, closest match), often tied here:
+    # float rounding between FAISS and the brute force moves a few rows across them, and the
+    # guarantee above holds either way.
+    assert abs(record.figures["answered"] - answered.sum()) <= 0.05 * index.size
+
+
+def test_prefix_choice_is_the_widest_that_keeps_the_target() -> None:
+    """On random shares and agreements, the chosen threshold keeps >= 99.5% agreement and no
+    lower threshold (at a share boundary) does."""
+    rng = np.random.default_rng(3)
+    share = np.round(rng.random(2000), 3).astype(np.float32)
+    agree = rng.random(2000) < 0.9 + 0.1 * share  # higher share, more agreement
+    threshold, answered, agreed = largest_agreeing_prefix(share, agree)
+    picked = share >= threshold
+    assert picked.sum() == answered and agree[picked].sum() == agreed
+    assert agreed >= AGREEMENT_TARGET * answered
+    for lower in np.unique(share[share < threshold]):
+        wider = share >= lower
+        assert agree[wider].sum() < AGREEMENT_TARGET * wider.sum()
+
+
+def test_switch_off_by_setting_runs_only_the_full_encoder(
+    built: tuple[HashEncoder, StaticEncoder, Path],
+) -> None:
+    """two_stage off (the default setting): no static decisions, every decision counted as
+    the full encoder's. On: some decisions say "static stage" and are counted as such, and a
+    query with history or with no known word goes to the full encoder."""
+    enc, model, root = built
+    index = ExemplarIndex.load(root)
+    # Fresh texts from the same routes (an exemplar itself would always be its own neighbour).
+    queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=5).splitlines()[1:]]
+    off = Router(enc, index, two_stage(False), static_model=model)
+    assert not off.two_stage and Settings().encoder.two_stage is False
+    decisions = off.route_batch(queries)
+    assert not any(d.reason.startswith("static stage") for d in decisions)
+    assert (off.stage_counts.static, off.stage_counts.full) == (0, len(queries))
+
+    on = Router(enc, index, two_stage(True), static_model=model)
+    assert on.two_stage
+    mixed = on.route_batch(queries)
+    static = [d for d in mixed if d.reason.startswith("static stage")]
+    assert 0 < len(static) < len(mixed) and on.stage_counts.static == len(static)
+    assert all(d.reason.startswith("full encoder") for d in mixed if d not in static)
+    assert all(d.index_version == index.version and not d.fallback for d in static)
+    unsure = on.route_batch([Query("zzz unknown words"), Query(index.texts[0], ("earlier",))])
+    assert all(d.reason.startswith("full encoder") for d in unsure)
+
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    counts = on.stage_counts
+    metrics.watch_stages(lambda: (counts.static, counts.full))
+    value = registry.get_sample_value("semroute_router_stage_decisions_total", {"stage": "static"})
+    assert value == len(static)
+    assert on.with_index(index).stage_counts is counts
+
+
+def test_static_model_fingerprint_mismatch_is_refused(
+    tmp_path: Path, built: tuple[HashEncoder, StaticEncoder, Path]
+) -> None:
+    """Serving with a static model other than the index's, or one distilled from another
+    encoder, is refused and says what to do; so is building with the latter."""
+    enc, _, root = built
+    index = ExemplarIndex.load(root)
+    other = static_model(tmp_path, enc.fingerprint, seed=9, name="other")
+    with pytest.raises(FingerprintMismatch, match="rebuild the index with this static model"):
+        Router(enc, index, two_stage(True), static_model=other)
+    assert not Router(enc, index, two_stage(False), static_model=other).two_stage
+    foreign = static_model(tmp_path, "sha256:another-encoder", name="foreign")
+    with pytest.raises(FingerprintMismatch, match="re-distill"):
+        build_index([write(tmp_path / "ex2.csv", exemplar_csv(seed=2))], tmp_path / "idx2",
+                    enc, progress=False, tune=False, static_model=foreign)
+
+
+def test_manifest_binds_both_fingerprints(built: tuple[HashEncoder, StaticEncoder, Path]) -> None:
+    """The manifest records the full encoder's and the static model's fingerprints, the latter's
+    source is the former, and the static file is checksummed like the others."""
+    enc, model, root = built
+    manifest = read_manifest(ExemplarIndex.load(root).path)
+    assert manifest.encoder.fingerprint == enc.fingerprint
+    assert manifest.static is not None
+    assert manifest.static.fingerprint == model.fingerprint
+    assert manifest.static.source_fingerprint == enc.fingerprint
+    assert manifest.static.file in manifest.checksums
+    again = StaticRecord.from_json(manifest.static.to_json())
+    assert again == manifest.static
+    never = StaticRecord.from_json({**manifest.static.to_json(), "threshold": None})
+    assert never.threshold == float("inf")
+
+
+def test_full_encoder_fallback_still_applies_with_two_stage_on(tmp_path: Path) -> None:
+    """With a routes file whose threshold sends unsure queries to a default route, the gate is
+    fitted against those fallbacks: with two-stage on, fallbacks still happen (all from the
+    full encoder) and the static stage never falls back or abstains by itself."""
+    model = static_model(tmp_path, HashEncoder().fingerprint)
+    enc = BlendEncoder(model)
+    routes = write(tmp_path / "routes.yaml", "\n".join([
+        "version: 1", "default: general", "threshold: 0.9",
+        "targets:", "  small: {input_cost: 0.1, output_cost: 0.1, local: true}",
+        "routes:", *[f"  r{r}: {{targets: [small]}}" for r in range(ROUTES)],
+        "  general: {targets: [small]}",
+    ]) + "\n")
+    csv = write(tmp_path / "ex.csv", exemplar_csv())
+    build_index([csv], tmp_path / "idx", enc, routes_file=routes, progress=False, tune=False,
+                static_model=model)
+    index = ExemplarIndex.load(tmp_path / "idx")
+    queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=7).splitlines()[1:]]
+    off = Router(enc, index, two_stage(False)).route_batch(queries)
+    on = Router(enc, index, two_stage(True), static_model=model).route_batch(queries)
+    assert any(d.fallback for d in off)
+    static = [d for d in on if d.reason.startswith("static stage")]
+    assert static and not any(d.fallback or d.route == "general" for d in static)
+    assert any(d.fallback for d in on)
+    assert {i for i, d in enumerate(on) if d.fallback} <= {i for i, d in enumerate(off) if d.fallback}
