@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/bench_scale.py [--n 1000000] [--kinds ivf-sq,ivfpq,hnsw-sq]
                                             [--queries 1000] [--work DIR] [--no-write]
+                                            [--[no-]router] [--router-only]
+                                            [--router-queries 500]
 
 Exemplars: the Banking77 train texts (10,003) embedded once with the served encoder, then
 ``--n`` synthetic vectors drawn around them: each is a real embedding moved part of the way
@@ -18,6 +20,13 @@ Each kind is built by ``semroute.index_types`` (what ``semroute index build --fa
 builds), written to ``--work``, then measured in a fresh process: read memory-mapped (the
 router's read flags for that kind), time to the first answer, RSS, then single-query search
 latency (one FAISS thread, as the router searches) and recall@10 for each search setting.
+Router phase (``--router``; on by default when the ivf-sq file exists, ``--router-only``
+keeps the FAISS table already in the section): a labelled index version is written around the
+ivf-sq file, each vector's exemplar the train text and label it was drawn around, then the real
+``semroute serve router`` process is started on it (once with the index files dropped from the
+page cache, once warm), timed to health SERVING, sent ``--router-queries`` Route calls over
+gRPC, its memory read from /proc, and stopped with SIGTERM.
+
 Writes the ``bench:scale`` section of docs/BENCHMARKS.md. Targets: search p50 <= 1 ms at
 recall@10 >= 0.95, RSS <= 1.5 GB with the index loaded, cold start <= 5 s.
 """
@@ -25,11 +34,19 @@ recall@10 >= 0.95, RSS <= 1.5 GB with the index loaded, cold start <= 5 s.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import csv
+import hashlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +57,8 @@ import numpy.typing as npt
 from semroute import index_types
 
 F32 = npt.NDArray[np.float32]
+NOT_MEASURED = "(not measured here)"
+MEASURED_BELOW = "(measured below, with the router process)"
 CHUNK = 50_000
 K = 10
 # Search settings tried per kind; the second is the one the cold start uses.
@@ -107,6 +126,13 @@ class Synthetic:
         v += rng.standard_normal(v.shape, dtype=np.float32) * np.float32(self.noise)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         return v
+
+    def sources(self, number: int, size: int = CHUNK, stream: int = 1) -> npt.NDArray[np.int64]:
+        """The row of ``base`` each vector of that chunk was drawn around (``chunk``'s first
+        draw from the same generator)."""
+        rng = np.random.default_rng((stream, number))
+        seeds: npt.NDArray[np.int64] = rng.integers(0, len(self.base), size)
+        return seeds
 
     def chunks(self) -> list[tuple[int, int]]:
         return [(i, min(CHUNK, self.n - i * CHUNK)) for i in range((self.n + CHUNK - 1) // CHUNK)]
@@ -216,6 +242,330 @@ def measure_in_child(kind: str, index_file: Path, queries: Path, truth: Path) ->
     return result
 
 
+# ---- the router with the 1M index ------------------------------------------------------------
+
+
+def labelled_rows(split: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a Banking77 split, in file order (row i = line i + 2)."""
+    with (benchlib.BANKING / f"{split}.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return [r["text"].strip() for r in rows], [r["label"] for r in rows]
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_labelled_version(
+    root: Path, faiss_file: Path, rows: npt.NDArray[np.int64], *, kind: str, factory: str,
+    texts: list[str], labels: list[str], fingerprint: str,
+) -> Path:
+    """A labelled index version under ``root`` laid out as ``write_version`` lays it out
+    (index.faiss, exemplars.jsonl, manifest with checksums; ``current`` switched), from an
+    already-built FAISS file: exemplar i is Banking77 train row ``rows[i]`` (text, label,
+    weight 1). Untuned: no decision settings, abstention model or density (``--no-tune``)."""
+    from semroute.config import IndexSettings
+    from semroute.exemplars import load_route_table
+    from semroute.index import EXEMPLARS_FILE, FAISS_FILE, MANIFEST, switch_current
+    from semroute.manifest import Counts, EncoderRecord, FaissRecord, IndexManifest
+    from semroute.types import ExemplarKind
+
+    settings = IndexSettings()
+    versions = root / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=versions))
+    source = benchlib.BANKING / "train.csv"
+    try:
+        try:  # version files are never rewritten, so a hard link is as good as a copy
+            os.link(faiss_file, tmp / FAISS_FILE)
+        except OSError:
+            shutil.copyfile(faiss_file, tmp / FAISS_FILE)
+        with (tmp / EXEMPLARS_FILE).open("w", encoding="utf-8") as fh:
+            for start in range(0, len(rows), CHUNK):
+                fh.write("".join(
+                    json.dumps({"text": texts[r], "label": labels[r], "weight": 1.0,
+                                "source": f"{source}:{r + 2}"}, ensure_ascii=False) + "\n"
+                    for r in rows[start:start + CHUNK].tolist()))
+        checksums = {name: sha256_file(tmp / name) for name in (FAISS_FILE, EXEMPLARS_FILE)}
+        per_label: dict[str, int] = {}
+        for row, count in enumerate(np.bincount(rows, minlength=len(labels)).tolist()):
+            per_label[labels[row]] = per_label.get(labels[row], 0) + count
+        built_at = datetime.now(UTC)
+        version = f"{built_at.strftime('%Y%m%dT%H%M%S%fZ')}-{checksums[FAISS_FILE][:8]}"
+        manifest = IndexManifest(
+            version=version, built_at=built_at.isoformat(), kind=ExemplarKind.LABELLED,
+            counts=Counts(len(rows), per_label),
+            encoder=EncoderRecord(fingerprint, 384, str(benchlib.ENCODER_DIR)),
+            faiss=FaissRecord(factory, kind == "flat", settings.hnsw_ef_search, kind=kind,
+                              nprobe=settings.ivf_nprobe if kind.startswith("ivf") else 0),
+            route_table=load_route_table(None, sorted(set(labels)), default_route="default"),
+            checksums=checksums,
+            stats={"written_from_precomputed_vectors": 1.0},
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        tmp.chmod(0o755)
+        final = versions / version
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    switch_current(root, final)
+    return final
+
+
+def router_index(work: Path, data: Synthetic, faiss_file: Path, factory: str,
+                 fingerprint: str) -> Path:
+    """The 1M ivf-sq router index root in ``work`` (written once per FAISS file and encoder):
+    each synthetic vector's exemplar is the train text it was drawn around."""
+    root = work / f"router-{faiss_file.stem}"
+    stamp = root / "index.source"
+    source = f"{faiss_file} {faiss_file.stat().st_mtime_ns} {fingerprint}"
+    if stamp.exists() and stamp.read_text() == source and (root / "current").exists():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    texts, labels = labelled_rows("train")
+    rows = np.concatenate([data.sources(number, size) for number, size in data.chunks()])
+    # Check the rows against the vectors: each is drawn around its source, so the source
+    # should nearly always be its nearest real embedding.
+    nearest = np.argmax(data.chunk(0)[:2000] @ data.base.T, axis=1)
+    print(f"rows of chunk 0 whose nearest real embedding is their source: "
+          f"{np.mean(nearest == rows[:2000]):.3f}", flush=True)
+    started = time.perf_counter()
+    version = write_labelled_version(root, faiss_file, rows, kind="ivf-sq", factory=factory,
+                                     texts=texts, labels=labels, fingerprint=fingerprint)
+    stamp.write_text(source)
+    print(f"wrote router index {version} in {time.perf_counter() - started:.1f} s", flush=True)
+    return root
+
+
+def flat_reference(work: Path, base: F32, fingerprint: str) -> Path:
+    """The same writer over the 10,003 real train embeddings, exact: the accuracy reference."""
+    import faiss
+
+    root = work / "router-flat-real"
+    if (root / "current").exists():
+        return root
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    faiss_file = work / "flat-real.faiss"
+    faiss.write_index(index, str(faiss_file))
+    texts, labels = labelled_rows("train")
+    write_labelled_version(root, faiss_file, np.arange(len(base)), kind="flat", factory="Flat",
+                           texts=texts, labels=labels, fingerprint=fingerprint)
+    return root
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_mib(paths: list[Path]) -> float:
+    """MiB of ``paths`` in the page cache (fincore), NaN when it cannot tell."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              *map(str, paths)], check=True, capture_output=True, text=True)
+        return sum(int(v) for v in out.stdout.split()) / 2**20
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return float("nan")
+
+
+def proc_memory(pid: int) -> dict[str, float]:
+    """RSS, PSS (smaps_rollup), RssAnon, RssFile and peak RSS (VmHWM) of ``pid`` in MiB."""
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Rss", "Pss"):
+            out[key.lower()] = int(value.split()[0]) / 1024
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            out[key.lower()] = int(value.split()[0]) / 1024
+    return out
+
+
+async def wait_serving(addr: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    # Short reconnect backoff: the default (1 s) would be counted as start time.
+    options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+               ("grpc.max_reconnect_backoff_ms", 50)]
+    async with grpc.aio.insecure_channel(addr, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.perf_counter() + 300
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"router exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.02)
+    raise SystemExit("router never reported SERVING")
+
+
+async def route_all(addr: str, queries: list[tuple[str, str]], warm: list[str]
+                    ) -> tuple[list[float], float]:
+    """Route each query in turn over one client (after ``warm``): (latencies in ms, accuracy)."""
+    from semroute.grpc.router_client import RouterClient
+
+    client = RouterClient(addr, timeout=30)
+    try:
+        for text in warm:
+            await client.route(text)
+        times, right = [], 0
+        for text, label in queries:
+            started = time.perf_counter()
+            decision = await client.route(text)
+            times.append((time.perf_counter() - started) * 1000)
+            right += decision.route == label
+    finally:
+        await client.close()
+    return times, right / len(queries)
+
+
+def serve_router(root: Path, queries: list[tuple[str, str]], warm: list[str], log_path: Path,
+                 *, cold: bool, route: bool) -> dict[str, Any]:
+    """Start ``semroute serve router --index root`` (``cold``: its files dropped from the page
+    cache first) and time it to health SERVING; with ``route``, route ``queries`` through it.
+    The process is stopped with SIGTERM and waited for before return."""
+    from semroute.index import EXEMPLARS_FILE, FAISS_FILE
+
+    files = [root / "current" / FAISS_FILE, root / "current" / EXEMPLARS_FILE]
+    if cold:
+        drop_from_page_cache(files)
+    out: dict[str, Any] = {"cached_mib_at_start": cached_mib(files)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "SEMROUTE_ENCODER__CACHE_SIZE": "0",
+           "SEMROUTE_ROUTER_SERVER__WATCH_INTERVAL_S": "0"}
+    command = [str(Path(sys.executable).parent / "semroute"), "serve", "router", "--index",
+               str(root), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+               "--encoder", str(benchlib.ENCODER_DIR)]
+    with log_path.open("w") as log:
+        started, wall = time.perf_counter(), time.time()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        addr = f"127.0.0.1:{port}"
+        asyncio.run(wait_serving(addr, proc, log_path))
+        out["start_s"] = time.perf_counter() - started
+        out["serving"] = proc_memory(proc.pid)
+        events = log_times(log_path)
+        out["to_listening_s"] = events["listening"] - wall
+        out["loading_s"] = events["index loaded"] - events["listening"]
+        if route:
+            times, accuracy = asyncio.run(route_all(addr, queries, warm))
+            out.update(p50=float(np.percentile(times, 50)), p99=float(np.percentile(times, 99)),
+                       accuracy=accuracy, after=proc_memory(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out["exit"] = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out["exit"] = proc.wait()
+    return out
+
+
+def log_times(log_path: Path) -> dict[str, float]:
+    """Unix time of the first ``listening`` and ``index loaded`` events in a router's log."""
+    found: dict[str, float] = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") in ("listening", "index loaded"):
+            when = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+            found.setdefault(event["event"], when.timestamp())
+    return found
+
+
+def load_breakdown(root: Path) -> dict[str, float]:
+    """The steps of ``ExemplarIndex.load`` on ``root``, timed one by one in this process (the
+    same calls, files cached): checksums, the exemplars.jsonl loop, the labels array, the
+    FAISS mapping; and, for comparison, the rows decoded with ``JSONDecoder.raw_decode``."""
+    import faiss
+
+    from semroute.index import EXEMPLARS_FILE, FAISS_FILE, read_flags
+
+    version = (root / "current").resolve()
+    out: dict[str, float] = {}
+    for name in (FAISS_FILE, EXEMPLARS_FILE):
+        started = time.perf_counter()
+        sha256_file(version / name)
+        out[f"sha256 {name}"] = time.perf_counter() - started
+    started = time.perf_counter()
+    faiss.read_index(str(version / FAISS_FILE), read_flags("ivf-sq", False))
+    out["FAISS read (mapped)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    texts: list[str] = []
+    labels: list[str] = []
+    weights: list[float] = []
+    with (version / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(row.get("label", ""))
+            weights.append(float(row.get("weight", 1.0)))
+    out["exemplars.jsonl, json.loads per line"] = time.perf_counter() - started
+    started = time.perf_counter()
+    np.asarray(labels, dtype=np.str_)
+    np.asarray(weights, dtype=np.float32)
+    out["labels and weights arrays"] = time.perf_counter() - started
+    del texts, labels, weights
+    started = time.perf_counter()
+    decode = json.JSONDecoder().raw_decode
+    with (version / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
+        rows = [decode(line)[0] for line in fh]
+    out["(alternative: raw_decode per line)"] = time.perf_counter() - started
+    del rows
+    return out
+
+
+def router_phase(args: argparse.Namespace, data: Synthetic) -> dict[str, Any]:
+    from semroute.encoder import OnnxEncoder
+
+    faiss_file = args.work / f"ivf-sq-{data.n}-{data.noise}.faiss"
+    if not faiss_file.with_suffix(".json").exists():
+        raise SystemExit(f"{faiss_file}: not built yet; run with --kinds ivf-sq first")
+    meta = json.loads(faiss_file.with_suffix(".json").read_text())
+    fingerprint = OnnxEncoder.load(benchlib.ENCODER_DIR, threads=1).fingerprint
+    root = router_index(args.work, data, faiss_file, meta["factory"], fingerprint)
+    texts, labels = labelled_rows("test")
+    order = np.random.default_rng(7).permutation(len(texts))
+    queries = [(texts[i], labels[i]) for i in order[:args.router_queries]]
+    warm = [texts[i] for i in order[-50:]]
+    result: dict[str, Any] = {"factory": meta["factory"], "files": {
+        p.name: p.stat().st_size / 2**20 for p in sorted((root / "current").iterdir())}}
+    log_path = args.work / "router.log"
+    # Start times vary with the machine's load: each is taken ``--router-starts`` times.
+    for cache in ("cold", "warm"):
+        result[cache] = [serve_router(root, queries, warm, log_path, cold=cache == "cold",
+                                      route=cache == "warm" and i == args.router_starts - 1)
+                         for i in range(args.router_starts)]
+        print(json.dumps({f"router {cache}": result[cache]}), flush=True)
+    result["exact10k"] = [serve_router(flat_reference(args.work, data.base, fingerprint),
+                                       queries, warm, args.work / "router-10k.log", cold=False,
+                                       route=True)]
+    print(json.dumps({"router exact 10k": result["exact10k"]}), flush=True)
+    result["steps"] = load_breakdown(root)
+    print(json.dumps({"load steps": result["steps"]}), flush=True)
+    result["queries"] = len(queries)
+    return result
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -245,7 +595,7 @@ def report(args: argparse.Namespace, data: Synthetic, results: dict[str, dict[st
         "`index.ivf_nprobe` defaults to 8) and the router reads them with the same flags. The "
         "figures are for the FAISS index alone; a router at this size also holds the exemplars' "
         "texts and labels in memory and checks the index file's checksum when it loads "
-        "(not measured here). A load average well above 2 means other work shared the two "
+        f"{NOT_MEASURED}. A load average well above 2 means other work shared the two "
         "cores: p99 and the slower settings suffer most.",
         "",
         "| kind (factory) | build | file | cold start | RSS loaded (anon) | RSS after queries "
@@ -286,6 +636,108 @@ def report(args: argparse.Namespace, data: Synthetic, results: dict[str, dict[st
     return "\n".join(lines)
 
 
+ROUTER_HEADING = "### The router with the 1M index"
+
+
+def report_router(args: argparse.Namespace, r: dict[str, Any], where: str) -> str:
+    cold, warm, exact = r["cold"], r["warm"], r["exact10k"]
+
+    def span(runs: list[dict[str, Any]], key: str) -> str:
+        values = sorted(run[key] for run in runs)
+        if len(values) == 1:
+            return f"{values[0]:.2f} s"
+        return f"{float(np.median(values)):.2f} s ({values[0]:.2f}-{values[-1]:.2f})"
+
+    files = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in r["files"].items()
+                      if mib >= 1)
+    lines = [
+        ROUTER_HEADING, "",
+        f"Command: `.venv/bin/python scripts/bench_scale.py --n {args.n}"
+        f"{' --router-only' if args.router_only else ''} --router-queries "
+        f"{args.router_queries} --router-starts {args.router_starts}` — {where}. The real "
+        f"`semroute serve router --index DIR` process (one process, default settings, "
+        f"embedding cache off, int8 encoder) over a labelled index version of {args.n:,} "
+        f"exemplars ({files}): the `ivf-sq` file above ({r['factory']}, nprobe 8 as "
+        "recorded in the manifest), each vector's exemplar the Banking77 train text and label "
+        "it was drawn around (so every text appears about 100 times, with a different vector "
+        "each time), weight 1, a manifest with the encoder's real fingerprint and the checksums"
+        " the router verifies. The script writes the version the way `semroute index build "
+        "--faiss ivf-sq` lays one out, from the precomputed vectors (no 1M embeddings) and "
+        "untuned: no tuned decision settings, no abstention model, hence no density file "
+        "(confidence is the vote share, no threshold). Reference: the same writer over the "
+        "10,003 real train embeddings, "
+        "exact (`Flat`), served the same way.",
+        "",
+        "Start = process start to gRPC health SERVING (polled every 20 ms), split at the "
+        "router's `listening` log event. Cold: both index "
+        "files dropped from the page cache first (`posix_fadvise DONTNEED` after `fsync`, "
+        "checked with `fincore`; any cache below this machine's page cache is not controlled); "
+        "Python, the libraries and the encoder model stay cached. "
+        f"Warm: the next start, files cached. Then {r['queries']} Route calls over gRPC from "
+        "one client, one at a time (Banking77 test texts, a seeded sample, after 50 warm-up "
+        "calls), and the process's memory from /proc: RSS and PSS (smaps_rollup), the private "
+        "part (RssAnon) and the peak (VmHWM); memory at SERVING is the last start's. "
+        "Accuracy = the decision's route equals the test "
+        "label (untuned indexes, so below the tuned figures elsewhere in this file). Each "
+        "process is stopped with SIGTERM and waited for.",
+        "",
+        "| index | page cache | index files cached at start | starts | start to SERVING "
+        "| to listening | loading | RSS at SERVING (anon) | peak RSS | RSS after Route calls "
+        "(anon) | PSS after | Route p50 | Route p99 | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cache, runs in (("1M ivf-sq", "cold", cold), ("1M ivf-sq", "warm", warm),
+                              ("10k exact", "warm", exact)):
+        m, s = runs[-1], runs[-1]["serving"]
+        after = (f"{m['after']['rss']:.0f} ({m['after']['rssanon']:.0f}) MiB | "
+                 f"{m['after']['pss']:.0f} MiB | {m['p50']:.1f} ms | {m['p99']:.1f} ms | "
+                 f"{m['accuracy']:.3f}" if "after" in m else "not measured | | | | ")
+        peak = max(run["after"]["vmhwm"] if "after" in run else run["serving"]["vmhwm"]
+                   for run in runs)
+        lines.append(
+            f"| {name} | {cache} | {m['cached_mib_at_start']:.0f} MiB | {len(runs)} | "
+            f"{span(runs, 'start_s')} | {span(runs, 'to_listening_s')} | "
+            f"{span(runs, 'loading_s')} | {s['rss']:.0f} ({s['rssanon']:.0f}) MiB | "
+            f"{peak:.0f} MiB | {after} |")
+    warm_m = warm[-1]
+    peak = max(max(run["serving"]["vmhwm"] for run in cold), warm_m["after"]["vmhwm"])
+    worst = max(run["start_s"] for run in cold + warm)
+    met_rss, met_start = peak <= 1536, worst <= 5
+    steps = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["steps"].items())
+    lines += [
+        "",
+        f"Targets (issue 16), router with the 1M index: RSS <= 1.5 GB — peak "
+        f"{peak:.0f} MiB, {'**met**' if met_rss else '**missed**'}; cold start <= 5 s — "
+        f"{span(cold, 'start_s')} with the index files out of the page cache, "
+        f"{span(warm, 'start_s')} with them cached (median, range), slowest {worst:.2f} s: "
+        f"{'**met**' if met_start else '**missed**'}. Decisions: accuracy "
+        f"{warm_m['accuracy']:.3f} against {exact[-1]['accuracy']:.3f} over the exact 10k "
+        f"index ({(warm_m['accuracy'] - exact[-1]['accuracy']) * 100:+.1f} points). Exit "
+        f"statuses after SIGTERM: {', '.join(str(run['exit']) for run in cold + warm + exact)}.",
+        "",
+        f"Where the start goes: \"to listening\" is imports and the gRPC server, \"loading\" "
+        f"the encoder and `ExemplarIndex.load` (to the `index loaded` log event). The load's "
+        f"steps, repeated one by one in the bench process with the files cached: {steps}.",
+        "",
+        "Not measured: several router processes sharing the mapping (`--processes`), a start "
+        "with Python and the encoder out of the page cache too, concurrent clients, a tuned "
+        "build (abstention model, 1M density file), 1M distinct texts (these repeat 10,003 "
+        "texts, though the router holds one string per row either way), a reload "
+        "(`ReloadIndex`) at 1M, and `semroute index build` itself at 1M (the embeddings).",
+    ]
+    return "\n".join(lines)
+
+
+def kept_faiss_part() -> str:
+    """The FAISS part of the current ``bench:scale`` section (``--router-only`` keeps it)."""
+    text = benchlib.DOC.read_text()
+    start, end = "<!-- bench:scale -->", "<!-- /bench:scale -->"
+    if start not in text or end not in text:
+        raise SystemExit("--router-only: docs/BENCHMARKS.md has no bench:scale section yet")
+    section = text.split(start, 1)[1].split(end, 1)[0]
+    return section.split(ROUTER_HEADING, 1)[0].strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -295,6 +747,14 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/semroute-bench-scale"))
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="rebuild index files in --work")
+    parser.add_argument("--router", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve the ivf-sq index from a router process (default: when "
+                        "the ivf-sq file exists)")
+    parser.add_argument("--router-only", action="store_true",
+                        help="only the router phase; keep the section's FAISS table")
+    parser.add_argument("--router-queries", type=int, default=500)
+    parser.add_argument("--router-starts", type=int, default=3,
+                        help="router starts timed per page-cache state")
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -304,13 +764,27 @@ def main() -> int:
     where = benchlib.machine()
     args.work.mkdir(parents=True, exist_ok=True)
     base, test = real_embeddings(args.work)
+    data = Synthetic(base, args.n, args.noise)
+    text = kept_faiss_part() if args.router_only else faiss_phase(args, data, test, where)
+    ivf_file = args.work / f"ivf-sq-{data.n}-{data.noise}.faiss"
+    if args.router_only or (args.router if args.router is not None else ivf_file.exists()):
+        text = (text.replace(NOT_MEASURED, MEASURED_BELOW) + "\n\n"
+                + report_router(args, router_phase(args, data), where))
+        if not args.no_write:
+            benchlib.write_section("scale", text)
+    print(text)
+    return 0
+
+
+def faiss_phase(args: argparse.Namespace, data: Synthetic, test: F32, where: str) -> str:
+    """Build (or reuse) and measure each FAISS kind; returns the section text so far."""
     queries = test[: args.queries]
     queries_file = args.work / f"queries-{args.queries}.npy"
     np.save(queries_file, queries)
-    data = Synthetic(base, args.n, args.noise)
     truth_file = args.work / f"truth-{data.n}-{data.noise}-{len(queries)}.npy"
     exact_top(data, queries, args.work)
     results: dict[str, dict[str, Any]] = {}
+    text = ""
     for kind in args.kinds.split(","):
         index_file = args.work / f"{kind}-{data.n}-{data.noise}.faiss"
         meta_file = index_file.with_suffix(".json")
@@ -322,8 +796,7 @@ def main() -> int:
         text = report(args, data, results, where)
         if not args.no_write:  # after each kind: a long run that stops keeps what it measured
             benchlib.write_section("scale", text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> int:
     args = parser.parse_args()
 
     router = Router.load(args.index)
-    index, d = router.index, router.settings.decision
+    index, d = router.index, router.decision_settings
     params = DecisionParams(temperature=d.temperature, null_similarity=d.null_similarity,
                             abstain=index.manifest.abstain, k=d.k)
     score = "abstention score" if params.abstain is not None else "vote share"
