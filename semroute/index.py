@@ -104,6 +104,10 @@ class ExemplarIndex:
         self.target_means = np.asarray(
             [manifest.target_means.get(t, 0.0) for t in self.score_targets], dtype=np.float32
         )
+        # search_observed's per-index state, computed once (scores never change in place):
+        # which rows are fully scored, and the search width for each k asked.
+        self._complete_rows: npt.NDArray[np.bool_] | None = None
+        self._widths: dict[int, int] = {}
 
     @property
     def version(self) -> str:
@@ -154,14 +158,16 @@ class ExemplarIndex:
         searched exactly as ``search(vectors, k)``."""
         from semroute.decision import MAX_SEARCH_WIDTH, search_width
 
-        width = search_width(k, self.scores)
+        width = self._widths.get(k)
+        if width is None:
+            width = self._widths[k] = search_width(k, self.scores)
         sims, ids = self.search(vectors, width)
         limit = min(self.size, max(MAX_SEARCH_WIDTH, width))
         if width == k or self.scores.shape[1] == 0:
             return sims, ids
-        complete: npt.NDArray[np.bool_] = np.asarray(
-            np.isfinite(self.scores).all(axis=1), dtype=bool
-        )
+        if self._complete_rows is None:
+            self._complete_rows = np.asarray(np.isfinite(self.scores).all(axis=1), dtype=bool)
+        complete = self._complete_rows
         need = min(k, int(complete.sum()))
         while width < limit:
             seen = complete[np.maximum(ids, 0)] & (ids >= 0)
