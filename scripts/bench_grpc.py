@@ -15,7 +15,8 @@ Setup, so the figures can be reproduced and compared:
   logs at INFO (one access line and one decision line per call) go to out/bench_grpc/router.log;
 - clients: grpc.aio in this process, `--channels` connections shared by the load clients.
   Latency is measured at the client, end to end; in-process `route()` is measured in the same
-  run, alternating with the 1-client gRPC calls. The client shares the machine's cores with
+  run, alternating with the 1-client gRPC calls, with numpy's BLAS on one thread as in the
+  server (`semroute.serve.limit_blas_threads`). The client shares the machine's cores with
   the server.
 
 Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
@@ -166,7 +167,9 @@ async def paired_latencies(
     from semroute.config import EncoderSettings, Settings
     from semroute.grpc.router_client import RouterClient
     from semroute.router import Router
+    from semroute.serve import limit_blas_threads
 
+    limit_blas_threads()  # as `serve router` does: in process and served alike
     settings = Settings(encoder=EncoderSettings(cache_size=0, threads=threads))
     router = Router.load(index, settings, encoder_path=encoder_dir)
     for text in texts[-200:]:  # warm-up (not measured)
@@ -502,7 +505,8 @@ cores/N encoder threads, the index memory-mapped) except the embedding cache, tu
 every call runs the encoder; INFO logs to a file. Clients: grpc.aio in one process. In-process
 `route()` and 1-client gRPC are measured in the same run on the same {args.single} queries, in
 alternating blocks of 25 (the server idle while this process routes; in process with as many
-encoder threads as one server process), so both see the same load from the rest of the machine;
+encoder threads as one server process and numpy's BLAS on one thread, as `serve router` sets
+it), so both see the same load from the rest of the machine;
 their difference is what the service adds to a decision. Then
 {args.seconds:.0f} s of {args.clients} clients sharing {min(args.channels, args.clients)}
 channels, each channel its own connection (a multi-process router spreads connections, not

@@ -22,7 +22,9 @@ router's read flags for that kind), time to the first answer, RSS, then single-q
 latency (one FAISS thread, as the router searches) and recall@10 for each search setting.
 Router phase (``--router``; on by default when the ivf-sq file exists, ``--router-only``
 keeps the FAISS table already in the section): a labelled index version is written around the
-ivf-sq file, each vector's exemplar the train text and label it was drawn around, then the real
+ivf-sq file (``semroute.index.write_prebuilt_version``; a version written by an older semroute,
+without the exemplar columns, is rewritten), each vector's exemplar the train text and label it
+was drawn around, then the real
 ``semroute serve router`` process is started on it (once with the index files dropped from the
 page cache, once warm), timed to health SERVING, sent ``--router-queries`` Route calls over
 gRPC, its memory read from /proc, and stopped with SIGTERM.
@@ -44,9 +46,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,57 +262,39 @@ def write_labelled_version(
     root: Path, faiss_file: Path, rows: npt.NDArray[np.int64], *, kind: str, factory: str,
     texts: list[str], labels: list[str], fingerprint: str,
 ) -> Path:
-    """A labelled index version under ``root`` laid out as ``write_version`` lays it out
-    (index.faiss, exemplars.jsonl, manifest with checksums; ``current`` switched), from an
-    already-built FAISS file: exemplar i is Banking77 train row ``rows[i]`` (text, label,
-    weight 1). Untuned: no decision settings, abstention model or density (``--no-tune``)."""
+    """A labelled index version under ``root`` written by ``write_prebuilt_version`` (the
+    layout ``semroute index build`` writes, ``current`` switched) around an already-built FAISS
+    file: exemplar i is Banking77 train row ``rows[i]`` (text, label, weight 1). Untuned: no
+    decision settings, abstention model or density (``--no-tune``)."""
     from semroute.config import IndexSettings
-    from semroute.exemplars import load_route_table
-    from semroute.index import EXEMPLARS_FILE, FAISS_FILE, MANIFEST, switch_current
-    from semroute.manifest import Counts, EncoderRecord, FaissRecord, IndexManifest
-    from semroute.types import ExemplarKind
+    from semroute.exemplars import ExemplarSet, load_route_table
+    from semroute.index import write_prebuilt_version
+    from semroute.manifest import EncoderRecord, FaissRecord
+    from semroute.types import Exemplar, ExemplarKind
 
     settings = IndexSettings()
-    versions = root / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=versions))
     source = benchlib.BANKING / "train.csv"
-    try:
-        try:  # version files are never rewritten, so a hard link is as good as a copy
-            os.link(faiss_file, tmp / FAISS_FILE)
-        except OSError:
-            shutil.copyfile(faiss_file, tmp / FAISS_FILE)
-        with (tmp / EXEMPLARS_FILE).open("w", encoding="utf-8") as fh:
-            for start in range(0, len(rows), CHUNK):
-                fh.write("".join(
-                    json.dumps({"text": texts[r], "label": labels[r], "weight": 1.0,
-                                "source": f"{source}:{r + 2}"}, ensure_ascii=False) + "\n"
-                    for r in rows[start:start + CHUNK].tolist()))
-        checksums = {name: sha256_file(tmp / name) for name in (FAISS_FILE, EXEMPLARS_FILE)}
-        per_label: dict[str, int] = {}
-        for row, count in enumerate(np.bincount(rows, minlength=len(labels)).tolist()):
-            per_label[labels[row]] = per_label.get(labels[row], 0) + count
-        built_at = datetime.now(UTC)
-        version = f"{built_at.strftime('%Y%m%dT%H%M%S%fZ')}-{checksums[FAISS_FILE][:8]}"
-        manifest = IndexManifest(
-            version=version, built_at=built_at.isoformat(), kind=ExemplarKind.LABELLED,
-            counts=Counts(len(rows), per_label),
-            encoder=EncoderRecord(fingerprint, 384, str(benchlib.ENCODER_DIR)),
-            faiss=FaissRecord(factory, kind == "flat", settings.hnsw_ef_search, kind=kind,
-                              nprobe=settings.ivf_nprobe if kind.startswith("ivf") else 0),
-            route_table=load_route_table(None, sorted(set(labels)), default_route="default"),
-            checksums=checksums,
-            stats={"written_from_precomputed_vectors": 1.0},
-        )
-        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        tmp.chmod(0o755)
-        final = versions / version
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    switch_current(root, final)
-    return final
+    # One record per train row, shared by the ~100 rows drawn around it (records are frozen).
+    train = [Exemplar(text, label, 1.0, source=f"{source}:{r + 2}")
+             for r, (text, label) in enumerate(zip(texts, labels, strict=True))]
+    exemplar_set = ExemplarSet(ExemplarKind.LABELLED, [train[r] for r in rows.tolist()])
+    return write_prebuilt_version(
+        root, faiss_file, exemplar_set,
+        load_route_table(None, sorted(set(labels)), default_route="default"),
+        encoder_record=EncoderRecord(fingerprint, 384, str(benchlib.ENCODER_DIR)),
+        faiss_record=FaissRecord(factory, kind == "flat", settings.hnsw_ef_search, kind=kind,
+                                 nprobe=settings.ivf_nprobe if kind.startswith("ivf") else 0),
+        stats={"written_from_precomputed_vectors": 1.0},
+    )
+
+
+def has_columns(root: Path) -> bool:
+    """Whether ``root``'s current version carries the exemplar columns (written by this
+    semroute; an older one is rewritten)."""
+    from semroute.index import read_manifest
+
+    current = root / "current"
+    return current.exists() and read_manifest(current.resolve()).columns is not None
 
 
 def router_index(work: Path, data: Synthetic, faiss_file: Path, factory: str,
@@ -321,7 +304,7 @@ def router_index(work: Path, data: Synthetic, faiss_file: Path, factory: str,
     root = work / f"router-{faiss_file.stem}"
     stamp = root / "index.source"
     source = f"{faiss_file} {faiss_file.stat().st_mtime_ns} {fingerprint}"
-    if stamp.exists() and stamp.read_text() == source and (root / "current").exists():
+    if stamp.exists() and stamp.read_text() == source and has_columns(root):
         return root
     if root.exists():
         shutil.rmtree(root)
@@ -345,8 +328,10 @@ def flat_reference(work: Path, base: F32, fingerprint: str) -> Path:
     import faiss
 
     root = work / "router-flat-real"
-    if (root / "current").exists():
+    if has_columns(root):
         return root
+    if root.exists():
+        shutil.rmtree(root)
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(base)
     faiss_file = work / "flat-real.faiss"
@@ -439,9 +424,7 @@ def serve_router(root: Path, queries: list[tuple[str, str]], warm: list[str], lo
     """Start ``semroute serve router --index root`` (``cold``: its files dropped from the page
     cache first) and time it to health SERVING; with ``route``, route ``queries`` through it.
     The process is stopped with SIGTERM and waited for before return."""
-    from semroute.index import EXEMPLARS_FILE, FAISS_FILE
-
-    files = [root / "current" / FAISS_FILE, root / "current" / EXEMPLARS_FILE]
+    files = sorted(p for p in (root / "current").resolve().iterdir() if p.is_file())
     if cold:
         drop_from_page_cache(files)
     out: dict[str, Any] = {"cached_mib_at_start": cached_mib(files)}
@@ -494,21 +477,40 @@ def log_times(log_path: Path) -> dict[str, float]:
 
 def load_breakdown(root: Path) -> dict[str, float]:
     """The steps of ``ExemplarIndex.load`` on ``root``, timed one by one in this process (the
-    same calls, files cached): checksums, the exemplars.jsonl loop, the labels array, the
-    FAISS mapping; and, for comparison, the rows decoded with ``JSONDecoder.raw_decode``."""
+    same calls, files cached): each file's checksum, the FAISS mapping, the exemplar columns
+    (mapped, labels as strings); then the whole load, the first text read (what explaining a
+    decision reads), and, for comparison, the exemplars.jsonl loop a version without columns
+    is loaded with."""
     import faiss
 
-    from semroute.index import EXEMPLARS_FILE, FAISS_FILE, read_flags
+    from semroute.index import EXEMPLARS_FILE, FAISS_FILE, ExemplarIndex, read_manifest
+    from semroute.index_types import read_flags
 
     version = (root / "current").resolve()
+    manifest = read_manifest(version)
     out: dict[str, float] = {}
-    for name in (FAISS_FILE, EXEMPLARS_FILE):
+    for name in manifest.checksums:
         started = time.perf_counter()
         sha256_file(version / name)
         out[f"sha256 {name}"] = time.perf_counter() - started
     started = time.perf_counter()
-    faiss.read_index(str(version / FAISS_FILE), read_flags("ivf-sq", False))
+    faiss.read_index(str(version / FAISS_FILE), read_flags(manifest.faiss.kind, True))
     out["FAISS read (mapped)"] = time.perf_counter() - started
+    if manifest.columns is not None:
+        columns = manifest.columns
+        started = time.perf_counter()
+        codes = np.asarray(np.load(version / columns.labels, mmap_mode="r"))
+        np.asarray(np.load(version / columns.weights, mmap_mode="r"))
+        np.asarray(np.load(version / columns.offsets, mmap_mode="r"))
+        np.asarray(columns.label_names, dtype=np.str_)[codes]
+        out["exemplar columns (mapped; labels as strings)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    index = ExemplarIndex.load(version, mmap=True)
+    out["ExemplarIndex.load, all of it"] = time.perf_counter() - started
+    started = time.perf_counter()
+    index.texts[len(index.texts) // 2]
+    out["first text read"] = time.perf_counter() - started
+    del index
     started = time.perf_counter()
     texts: list[str] = []
     labels: list[str] = []
@@ -519,18 +521,11 @@ def load_breakdown(root: Path) -> dict[str, float]:
             texts.append(row["text"])
             labels.append(row.get("label", ""))
             weights.append(float(row.get("weight", 1.0)))
-    out["exemplars.jsonl, json.loads per line"] = time.perf_counter() - started
-    started = time.perf_counter()
     np.asarray(labels, dtype=np.str_)
     np.asarray(weights, dtype=np.float32)
-    out["labels and weights arrays"] = time.perf_counter() - started
+    out["(without columns: exemplars.jsonl, json.loads per line, and the arrays)"] = (
+        time.perf_counter() - started)
     del texts, labels, weights
-    started = time.perf_counter()
-    decode = json.JSONDecoder().raw_decode
-    with (version / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
-        rows = [decode(line)[0] for line in fh]
-    out["(alternative: raw_decode per line)"] = time.perf_counter() - started
-    del rows
     return out
 
 
@@ -593,9 +588,8 @@ def report(args: argparse.Namespace, data: Synthetic, results: dict[str, dict[st
         "What the router serves: `semroute index build --faiss ivf-sq|ivfpq|hnsw-sq` builds these "
         "factories (semroute/index_types.py, recorded in the manifest with nprobe or efSearch; "
         "`index.ivf_nprobe` defaults to 8) and the router reads them with the same flags. The "
-        "figures are for the FAISS index alone; a router at this size also holds the exemplars' "
-        "texts and labels in memory and checks the index file's checksum when it loads "
-        f"{NOT_MEASURED}. A load average well above 2 means other work shared the two "
+        f"figures are for the FAISS index alone; {ROUTER_HOLDS} {NOT_MEASURED}. A load "
+        "average well above 2 means other work shared the two "
         "cores: p99 and the slower settings suffer most.",
         "",
         "| kind (factory) | build | file | cold start | RSS loaded (anon) | RSS after queries "
@@ -637,6 +631,15 @@ def report(args: argparse.Namespace, data: Synthetic, results: dict[str, dict[st
 
 
 ROUTER_HEADING = "### The router with the 1M index"
+ROUTER_HOLDS = (
+    "a router at this size also holds the exemplars' labels and weights (texts are read from "
+    "exemplars.jsonl only to explain a decision) and checks every index file's checksum when "
+    "it loads")
+# What the section said before the exemplar columns; ``--router-only`` keeps that part, so
+# the sentence is brought up to date there.
+ROUTER_HELD = (
+    "a router at this size also holds the exemplars' texts and labels in memory and checks the "
+    "index file's checksum when it loads")
 
 
 def report_router(args: argparse.Namespace, r: dict[str, Any], where: str) -> str:
@@ -661,16 +664,19 @@ def report_router(args: argparse.Namespace, r: dict[str, Any], where: str) -> st
         "recorded in the manifest), each vector's exemplar the Banking77 train text and label "
         "it was drawn around (so every text appears about 100 times, with a different vector "
         "each time), weight 1, a manifest with the encoder's real fingerprint and the checksums"
-        " the router verifies. The script writes the version the way `semroute index build "
-        "--faiss ivf-sq` lays one out, from the precomputed vectors (no 1M embeddings) and "
-        "untuned: no tuned decision settings, no abstention model, hence no density file "
+        " the router verifies. The script writes the version with "
+        "`semroute.index.write_prebuilt_version`, the layout `semroute index build --faiss "
+        "ivf-sq` writes (exemplars.jsonl and its columns: labels.npy, weights.npy and the rows' "
+        "offsets.npy, which the router loads instead of parsing the JSON lines), around the "
+        "precomputed vectors (no 1M embeddings) and untuned: no tuned decision settings, no "
+        "abstention model, hence no density file "
         "(confidence is the vote share, no threshold). Reference: the same writer over the "
         "10,003 real train embeddings, "
         "exact (`Flat`), served the same way.",
         "",
         "Start = process start to gRPC health SERVING (polled every 20 ms), split at the "
-        "router's `listening` log event. Cold: both index "
-        "files dropped from the page cache first (`posix_fadvise DONTNEED` after `fsync`, "
+        "router's `listening` log event. Cold: every file of the index "
+        "version dropped from the page cache first (`posix_fadvise DONTNEED` after `fsync`, "
         "checked with `fincore`; any cache below this machine's page cache is not controlled); "
         "Python, the libraries and the encoder model stay cached. "
         f"Warm: the next start, files cached. Then {r['queries']} Route calls over gRPC from "
@@ -722,7 +728,8 @@ def report_router(args: argparse.Namespace, r: dict[str, Any], where: str) -> st
         "Not measured: several router processes sharing the mapping (`--processes`), a start "
         "with Python and the encoder out of the page cache too, concurrent clients, a tuned "
         "build (abstention model, 1M density file), 1M distinct texts (these repeat 10,003 "
-        "texts, though the router holds one string per row either way), a reload "
+        "texts: distinct ones make exemplars.jsonl larger, hence its checksum slower; the "
+        "router reads a text only to explain a decision), a reload "
         "(`ReloadIndex`) at 1M, and `semroute index build` itself at 1M (the embeddings).",
     ]
     return "\n".join(lines)
@@ -735,7 +742,7 @@ def kept_faiss_part() -> str:
     if start not in text or end not in text:
         raise SystemExit("--router-only: docs/BENCHMARKS.md has no bench:scale section yet")
     section = text.split(start, 1)[1].split(end, 1)[0]
-    return section.split(ROUTER_HEADING, 1)[0].strip()
+    return section.split(ROUTER_HEADING, 1)[0].strip().replace(ROUTER_HELD, ROUTER_HOLDS)
 
 
 def main() -> int:

@@ -218,29 +218,44 @@ def proxy_split() -> tuple[Path, Path, Path, list[str]]:
 
 
 def abstention_proxy(encoder: Any, tag: str = "", plot: bool = True) -> dict[str, Any]:
-    """Default build on the proxy exemplars, `calibrate --in-scope-coverage 0.95` on validation,
-    `eval labels` on test; plus the evidence for the score (AUROC of each neighbour feature and
-    of the combined score, on the proxy test set and on the build's leave-routes-out folds).
-    Works under out/eval/proxy{tag}; ``plot`` writes docs/img/proxy-abstention.png."""
+    """Default build on the proxy exemplars, `calibrate --in-scope-coverage 0.95` on validation
+    (which adds validation's `oos` rows as out-of-scope exemplars), `eval labels` on test; the
+    same without the examples (`calibrate --no-add-out-of-scope`: what the score alone does);
+    plus the evidence for the score (AUROC of each neighbour feature and of the combined score,
+    on the proxy test set and on the build's leave-routes-out folds). Works under
+    out/eval/proxy{tag}; ``plot`` writes docs/img/proxy-abstention.png."""
     from semroute.abstain import DENSITY_K, FEATURES, auroc
     from semroute.quality.calibrate import calibrate_router
-    from semroute.quality.metrics import abstention_curve
+    from semroute.quality.metrics import OOS_LABEL, abstention_curve
     from semroute.quality.plots import abstention_plot
+    from semroute.quality.runs import route_labelled
     from semroute.tune.labelled import features_batch, vote
 
     exemplars, val, test, held = proxy_split()
-    out = fresh(OUT / f"proxy{tag}")
-    log("proxy: default build, calibrate --in-scope-coverage 0.95, eval labels")
-    build_index([exemplars], out / "index", encoder, progress=False)
-    cal, _ = calibrate_router(make_router(encoder, out / "index"), val,
-                              in_scope_coverage=PROXY_COVERAGE)
-    router = make_router(encoder, out / "index")
-    report = evaluate_labels(router, test, out / "report")
-    # Evidence: the neighbour features of every test query, scored one by one.
-    index = router.index
     with test.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    oos = np.array([r["label"] == "oos" for r in rows])
+    oos = np.array([r["label"] == OOS_LABEL for r in rows])
+    served: dict[str, Any] = {}
+    for name, add in (("zero", False), ("examples", True)):
+        out = fresh(OUT / f"proxy{tag}-{name}")
+        log(f"proxy ({name}): default build, calibrate --in-scope-coverage 0.95"
+            f"{'' if add else ' --no-add-out-of-scope'}, eval labels")
+        build_index([exemplars], out / "index", encoder, progress=False)
+        cal, _ = calibrate_router(make_router(encoder, out / "index"), val,
+                                  in_scope_coverage=PROXY_COVERAGE, add_out_of_scope=add)
+        router = make_router(encoder, out / "index")
+        report = evaluate_labels(router, test, out / "report")
+        run = route_labelled(router, [r["text"] for r in rows])
+        # rows whose vote the out-of-scope exemplars won fall back at any threshold
+        score = np.where(np.asarray(run.predicted) == OOS_LABEL, -1.0, run.confidence)
+        served[name] = {"report": report.data, "calibration": cal, "router": router,
+                        "score": score}
+        log(f"proxy ({name}): in-scope accuracy {report.data['in_scope_accuracy']}, oos recall "
+            f"{report.data.get('oos_recall')}, AUROC {report.data.get('oos_auroc')}")
+    # Evidence for the score: the neighbour features of every test query on the index without
+    # out-of-scope examples (what the build fits, with none to learn from).
+    router = served["zero"]["router"]
+    index = router.index
     d = router.decision_settings
     sims, ids = index.search(encoder.encode([r["text"] for r in rows]), d.k)
     names = sorted(set(index.labels.tolist()))
@@ -254,7 +269,10 @@ def abstention_proxy(encoder: Any, tag: str = "", plot: bool = True) -> dict[str
     combined = model.score_many(table) if model is not None else shares.max(axis=1)
     evidence["combined"] = auroc(combined, ~oos)
     curves = {
-        "combined score (served)": abstention_curve(combined, oos),
+        f"served, {served['examples']['calibration'].added_out_of_scope} out-of-scope "
+        "examples": abstention_curve(
+            served["examples"]["score"], oos),
+        "served, no examples (combined score)": abstention_curve(combined, oos),
         "top-1 similarity": abstention_curve(table["top1"], oos),
         "vote share": abstention_curve(table["share"], oos),
     }
@@ -263,10 +281,13 @@ def abstention_proxy(encoder: Any, tag: str = "", plot: bool = True) -> dict[str
         abstention_plot(curves, IMG / "proxy-abstention.png",
                         title="Banking77 proxy: 57 intents in scope, 20 held out")
     at = {name: _recall_at(c, PROXY_COVERAGE) for name, c in curves.items()}
-    log(f"proxy: in-scope accuracy {report.data['in_scope_accuracy']}, oos recall "
-        f"{report.data.get('oos_recall')}, AUROC {report.data.get('oos_auroc')}")
-    return {"report": report.data, "calibration": cal, "held_out": held, "evidence": evidence,
-            "loro": dict(index.manifest.tuning), "recall_at": at, "density_k": DENSITY_K}
+    main = served["examples"]
+    return {"report": main["report"], "calibration": main["calibration"],
+            "zero": {"report": served["zero"]["report"],
+                     "calibration": served["zero"]["calibration"]},
+            "held_out": held, "evidence": evidence, "loro": dict(index.manifest.tuning),
+            "loro_examples": dict(main["router"].index.manifest.tuning),
+            "recall_at": at, "density_k": DENSITY_K}
 
 
 def _recall_at(curve: list[Any], coverage: float) -> float:
@@ -418,19 +439,37 @@ def abstention_section(proxy: dict[str, Any]) -> list[str]:
         "    --out out/eval/proxy/report",
         "```",
         "",
-        "No routes file: the build adds a `default` route, and `calibrate` writes the threshold",
-        f"({cal.global_threshold:.3f}) that answers 95% of the in-scope validation rows.",
+        "No routes file: the build adds a `default` route. `calibrate` adds validation's",
+        f"{cal.added_out_of_scope} rows labelled `oos` to the index as out-of-scope exemplars (a new",
+        "version; `--no-add-out-of-scope` skips it) and writes the threshold "
+        f"({cal.global_threshold:.3f})",
+        "that answers 95% of the in-scope validation rows. An out-of-scope exemplar is an example",
+        "of what the router must not answer: when such exemplars win a query's vote the router",
+        "falls back to the default route, and every confidence is multiplied by one minus their",
+        "share of the vote (`semroute/decision.py`). Treating out-of-scope queries as one more",
+        "class trained on examples of them (\"oos-train\") is one of the schemes the CLINC150",
+        "study (Larson et al., 2019) compares with thresholding. The second column is the run",
+        "with `--no-add-out-of-scope`: what the abstention score alone does, with no example.",
         "",
-        "| on the test split | figure |",
-        "|---|---|",
-        f"| in-scope accuracy (an abstention counts as wrong) | {fmt(pr['in_scope_accuracy'], 4)} |",
-        f"| in-scope coverage | {fmt(pr['coverage'], 4)} |",
-        f"| accuracy of the answered in-scope queries | {fmt(pr['answered_accuracy'], 4)} |",
-        f"| accuracy with no threshold | {fmt(pr['accuracy_no_threshold'], 4)} |",
-        f"| out-of-scope recall (share abstained on) | {fmt(pr.get('oos_recall'), 4)} |",
-        f"| out-of-scope precision (abstentions that were out of scope) | "
-        f"{fmt(pr.get('oos_precision'), 4)} |",
-        f"| out-of-scope AUROC of the confidence | {fmt(pr.get('oos_auroc'), 4)} |",
+        "| on the test split | with the examples (default) | no examples |",
+        "|---|---|---|",
+    ]
+    zr = proxy["zero"]["report"]
+    for label, key in (
+        ("in-scope accuracy (an abstention counts as wrong)", "in_scope_accuracy"),
+        ("in-scope coverage", "coverage"),
+        ("accuracy of the answered in-scope queries", "answered_accuracy"),
+        ("accuracy with no threshold", "accuracy_no_threshold"),
+        ("out-of-scope recall (share abstained on)", "oos_recall"),
+        ("out-of-scope precision (abstentions that were out of scope)", "oos_precision"),
+        ("out-of-scope AUROC of the confidence", "oos_auroc"),
+    ):
+        lines.append(f"| {label} | {fmt(pr.get(key), 4)} | {fmt(zr.get(key), 4)} |")
+    lines += [
+        "",
+        "The held-out intents' test rows are close to their validation rows (same intents), so",
+        "the examples column is what a deployment gets when it labels a sample of the traffic it",
+        "does not want answered; for traffic unlike any example, the no-example column applies.",
         "",
         "### The score",
         "",
@@ -442,8 +481,9 @@ def abstention_section(proxy: dict[str, Any]) -> list[str]:
         f"same. The density feature uses each exemplar's mean similarity to its {proxy['density_k']}",
         "nearest other exemplars, stored in the index (`density.npy`).",
         "",
-        "Evidence, AUROC for telling in-scope from out-of-scope (higher is better): on the proxy",
-        "test split, and on the proxy build's own leave-routes-out folds (no test row involved).",
+        "Evidence, AUROC for telling in-scope from out-of-scope (higher is better), on the index",
+        "without out-of-scope examples: on the proxy test split, and on the proxy build's own",
+        "leave-routes-out folds (no test row involved).",
         "",
         "| score | proxy test | leave-routes-out |",
         "|---|---|---|",
@@ -460,8 +500,9 @@ def abstention_section(proxy: dict[str, Any]) -> list[str]:
         "",
         "Other scores (class-conditional distances, a linear probe, lexical novelty) and their",
         "combinations, up to a logistic fit on the test rows themselves, are measured by",
-        "`scripts/oos_ceiling.py` in the section \"Abstention: where the ceiling is\" below: none",
-        "reaches the out-of-scope targets on this proxy.",
+        "`scripts/oos_ceiling.py` in the section \"Abstention: where the ceiling is\" below: with",
+        "no out-of-scope example none reaches the out-of-scope targets on this proxy; the",
+        "examples validation provides do (first table).",
         "",
         "![in-scope coverage against out-of-scope recall](img/proxy-abstention.png)",
         "",

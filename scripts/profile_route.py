@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/profile_route.py                 # cProfile, top 35 by own time
     .venv/bin/python scripts/profile_route.py --calls 3000 --sort cumulative
+    .venv/bin/python scripts/profile_route.py --threads   # CPU per call of every thread
+    .venv/bin/python scripts/profile_route.py --ab DIR --clients 64   # routes/s vs another tree
 
 A router server (the same code as ``semroute serve router``: interceptor, servicer, coalescer,
 worker threads) and one grpc.aio client run in this process on the Banking77 index of
@@ -11,6 +13,12 @@ encoder and FAISS run on worker threads, so they show as the wait in ``run_in_ex
 the service hops to a thread. Log lines go to /dev/null (INFO, JSON: rendering is measured).
 For a view of every thread of a separate server process use py-spy instead:
 ``.venv/bin/py-spy record -p PID`` while ``scripts/bench_grpc.py`` runs.
+
+``--threads`` needs no profiler: it reads each thread's CPU time from /proc before and after
+``--calls`` in-process ``route()`` calls, then the same queries as 1-client and ``--clients``
+gRPC calls to a ``semroute serve router`` process (started as ``scripts/bench_grpc.py`` does,
+embedding cache off), and prints CPU per call of the busiest threads of each side: spinning
+onnxruntime workers, the event loop, gRPC's poller.
 """
 
 from __future__ import annotations
@@ -18,8 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,7 +73,21 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--sort", default="tottime", help="pstats sort key [tottime]")
     parser.add_argument("--top", type=int, default=35)
+    parser.add_argument("--threads", action="store_true",
+                        help="per-thread CPU per call, in process and against a server process")
+    parser.add_argument("--clients", type=int, default=16, help="--threads: concurrent clients")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
+                        help="--threads: extra server setting (repeatable)")
+    parser.add_argument("--ab", type=Path, default=None, metavar="DIR",
+                        help="routes/s and CPU per call against a server from the semroute "
+                        "package under DIR, in alternating rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="--ab: rounds per server")
+    parser.add_argument("--round-s", type=float, default=5.0, help="--ab: seconds per round")
     args = parser.parse_args()
+    if args.threads:
+        return threads_main(args)
+    if args.ab is not None:
+        return ab_main(args)
 
     from semroute.config import LogSettings
     from semroute.logs import configure_logging
@@ -77,6 +102,180 @@ def main() -> int:
     pstats.Stats(profile, stream=sys.stdout).sort_stats(args.sort).print_stats(args.top)
     return 0
 
+
+# ---- per-thread CPU (--threads) -----------------------------------------------------------------
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid``, keyed ``name/tid``."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+
+
+def by_thread(delta: dict[str, float], calls: int) -> str:
+    """Busy threads, heaviest first, as ``name/tid ms-per-call``."""
+    busy = sorted(delta.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v / calls * 1000:.2f}" for k, v in busy[:6] if v / calls >= 5e-5)
+
+
+async def grpc_calls(addr: str, texts: list[str], clients: int = 1) -> tuple[list[float], int]:
+    from semroute.grpc.router_client import RouterClient
+
+    latencies: list[float] = []
+
+    async def one(worker: int, client: RouterClient) -> None:
+        for text in texts[worker::clients]:
+            start = time.perf_counter()
+            await client.route(text)
+            latencies.append(time.perf_counter() - start)
+
+    pool = [RouterClient(addr, timeout=60) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(one(w, pool[w]) for w in range(clients)))
+    finally:
+        await asyncio.gather(*(c.close() for c in pool))
+    return latencies, len(latencies)
+
+
+def threads_main(args: argparse.Namespace) -> int:
+    """Per-thread CPU per call: in-process ``route()`` here and 1-client gRPC calls to a
+    ``semroute serve router`` process (the server of bench_grpc.py, same settings), alternating
+    in blocks of 25 so both see the same load; then ``--clients`` concurrent gRPC clients."""
+    from semroute.config import Settings
+    from semroute.grpc.router_client import RouterClient
+    from semroute.router import Router
+    from semroute.serve import limit_blas_threads
+
+    limit_blas_threads()  # as `serve router` does
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
+                                    benchlib.ENCODER_DIR, hnsw=True)
+    texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
+    env = {f"SEMROUTE_{k.upper()}": v for k, v in (item.split("=", 1) for item in args.set)}
+    os.environ.update({**env, "SEMROUTE_ENCODER__CACHE_SIZE": "0"})  # in process as served
+    log_path = bench_grpc.OUT / "router-profile.log"
+    port = bench_grpc.free_port()
+    proc = bench_grpc.start_server(index, benchlib.ENCODER_DIR, port, bench_grpc.free_port(),
+                                   log_path, env)
+    addr = f"127.0.0.1:{port}"
+    me = os.getpid()
+    ms = 1000.0
+
+    async def paired(router: Router, sample: list[str]) -> list[tuple[str, list[float],
+                                                                     dict[str, float]]]:
+        local: list[float] = []
+        remote: list[float] = []
+        local_cpu: dict[str, float] = {}
+        server_cpu: dict[str, float] = {}
+        async with RouterClient(addr, timeout=60) as client:
+            for text in texts[-200:]:  # warm-up
+                await client.route(text)
+            for first in range(0, len(sample), 25):
+                part = sample[first:first + 25]
+                c0 = thread_cpu(me)
+                for text in part:
+                    start = time.perf_counter()
+                    router.route(text)
+                    local.append(time.perf_counter() - start)
+                for k, v in cpu_delta(c0, thread_cpu(me)).items():
+                    local_cpu[k] = local_cpu.get(k, 0.0) + v
+                s0 = thread_cpu(proc.pid)
+                for text in part:
+                    start = time.perf_counter()
+                    await client.route(text)
+                    remote.append(time.perf_counter() - start)
+                for k, v in cpu_delta(s0, thread_cpu(proc.pid)).items():
+                    server_cpu[k] = server_cpu.get(k, 0.0) + v
+        return [("in-process route()", local, local_cpu),
+                ("gRPC, 1 client: server", remote, server_cpu)]
+
+    try:
+        asyncio.run(bench_grpc.wait_serving(addr, proc, log_path))
+        router = Router.load(index, Settings(), encoder_path=benchlib.ENCODER_DIR)
+        sample = texts[: args.calls]
+        for text in texts[-200:]:
+            router.route(text)
+        rows = [(what, statistics.median(lat) * ms, len(lat),
+                 f"{sum(cpu.values()) / len(lat) * ms:.2f}", by_thread(cpu, len(lat)))
+                for what, lat, cpu in asyncio.run(paired(router, sample))]
+        s0 = thread_cpu(proc.pid)
+        start = time.perf_counter()
+        lat, n = asyncio.run(grpc_calls(addr, sample, args.clients))
+        wall = time.perf_counter() - start
+        sd = cpu_delta(s0, thread_cpu(proc.pid))
+        rows.append((f"gRPC, {args.clients} clients: server ({n / wall:.0f} routes/s)",
+                     statistics.median(lat) * ms, n, f"{sum(sd.values()) / n * ms:.2f}",
+                     by_thread(sd, n)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    print(f"load average {os.getloadavg()[0]:.1f}; settings: {args.set or 'defaults'}")
+    print("what | p50 ms | calls | CPU ms/call | busiest threads (name/tid: CPU ms per call)")
+    for what, p50, n, cpu, threads in rows:
+        print(f"{what} | {p50:.2f} | {n} | {cpu} | {threads}")
+    return 0
+
+# ---- throughput A/B against another source tree (--ab) -----------------------------------------
+
+
+def ab_main(args: argparse.Namespace) -> int:
+    """Routes/s and server CPU per call at ``--clients`` concurrent clients, for a server from
+    this tree and one from ``--ab DIR`` (PYTHONPATH, e.g. an export of the previous commit), in
+    alternating rounds of ``--round-s`` seconds so both see the same load from the rest of the
+    machine."""
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
+                                    benchlib.ENCODER_DIR, hnsw=True)
+    texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
+    env = {f"SEMROUTE_{k.upper()}": v for k, v in (item.split("=", 1) for item in args.set)}
+    trees = {"this tree": env, str(args.ab): {**env, "PYTHONPATH": str(args.ab)}}
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    calls = dict.fromkeys(trees, 0)
+    seconds = dict.fromkeys(trees, 0.0)
+    cpu = dict.fromkeys(trees, 0.0)
+    try:
+        for i, (name, tree_env) in enumerate(trees.items()):
+            port = bench_grpc.free_port()
+            log_path = bench_grpc.OUT / f"router-ab-{i}.log"
+            proc = bench_grpc.start_server(index, benchlib.ENCODER_DIR, port,
+                                           bench_grpc.free_port(), log_path, tree_env)
+            servers[name] = (proc, f"127.0.0.1:{port}")
+            asyncio.run(bench_grpc.wait_serving(servers[name][1], proc, log_path))
+        for _, addr in servers.values():  # warm-up
+            asyncio.run(bench_grpc.concurrent_clients(addr, texts, args.clients, 2.0, 64))
+        for r in range(args.rounds):
+            order = list(servers.items()) if r % 2 == 0 else list(servers.items())[::-1]
+            for name, (proc, addr) in order:
+                c0 = bench_grpc.cpu_seconds(proc.pid)
+                done, elapsed, _, errors = asyncio.run(bench_grpc.concurrent_clients(
+                    addr, texts, args.clients, args.round_s, 64))
+                cpu[name] += bench_grpc.cpu_seconds(proc.pid) - c0
+                calls[name] += done
+                seconds[name] += elapsed
+                if errors:
+                    print(f"{name}: {errors} failed calls in round {r}")
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    print(f"{args.clients} clients, {args.rounds} alternating rounds of {args.round_s:.0f} s; "
+          f"load average {os.getloadavg()[0]:.1f}; settings: {args.set or 'defaults'}")
+    print("server | routes/s | server CPU ms/call")
+    for name in trees:
+        n = max(calls[name], 1)
+        print(f"{name} | {calls[name] / seconds[name]:.0f} | {cpu[name] / n * 1000:.2f}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

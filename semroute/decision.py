@@ -15,12 +15,13 @@ Scores may be missing (NaN): a row learnt from feedback knows only the score of 
 answered it. Such partly scored rows never enter the estimate above, which runs over the ``k``
 nearest fully scored rows out of a wider search (``search_width``): comparing targets needs
 their outcomes on the same queries, and a feedback row was observed only where the serving index
-chose its target. ``feedback_step`` then moves each target's estimate toward the feedback rows
-that observed it, weighted by closeness on the fully scored rows' scale and shrunk with the
-pseudo-count ``feedback_shrinkage`` (tuned by the build; None ignores feedback rows). A feedback
-row adds evidence for its own target and leaves every other target's estimate as it was. An
-index without any fully scored row averages each target over the ``k`` nearest rows that
-observed it.
+chose its target. ``feedback_step`` then corrects that estimate by the residuals of the ``k``
+nearest feedback rows (observed score minus the estimate): their mean over every target shifts
+all targets alike (the queries are harder or easier than the fully scored rows say), and each
+target's own residuals move it against the others, shrunk with the pseudo-count
+``feedback_shrinkage`` (tuned by the build; None ignores feedback rows). A feedback row never
+changes the differences between the targets it did not observe. An index without any fully
+scored row averages each target over the ``k`` nearest rows that observed it.
 
 With ``local_k`` > 0 the estimate is hierarchical: the ``local_k`` closest neighbours' weighted
 mean is shrunk, with ``local_shrinkage`` pseudo-neighbours, toward the estimate of the whole
@@ -36,6 +37,13 @@ the decision degrades to the best single target for the cost weight in force.
 A labelled decision's confidence is the vote share, or, when the index carries an abstention
 model (``semroute.abstain``, fitted at build time), that model's P(right) from the neighbours'
 distance and agreement; thresholds compare against whichever the index provides.
+
+Exemplars labelled ``oos`` (``types.OUT_OF_SCOPE``) are examples of queries the router must not
+answer. They vote like a route; when they win, the decision falls back to the default route
+whatever the threshold, and in every decision the confidence is multiplied by one minus their
+share of the vote (so it falls as a query nears them). On the Banking77 abstention proxy,
+273 such examples from validation raise out-of-scope recall from 0.51 to 0.85 at 95% in-scope
+coverage (docs/EVAL.md, "Abstention").
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import numpy.typing as npt
 
 from semroute.abstain import AbstainModel, neighbour_features
 from semroute.errors import NoTargetAvailable
-from semroute.types import Decision, Neighbor, Policy, RouteTable
+from semroute.types import OUT_OF_SCOPE, Decision, Neighbor, Policy, RouteTable
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -147,7 +155,8 @@ def predict_quality(
     normalised to count as n_t observations; ``shrinkage`` (m) adds m more at the mean. With
     ``params.local_k`` > 0 that estimate is the prior of ``predict_quality_local`` over the
     ``local_k`` closest of them. Partly scored neighbours then refine it (``feedback_step``)
-    when ``params.feedback_shrinkage`` is set; they never move a target they did not observe.
+    when ``params.feedback_shrinkage`` is set; they never change the differences between the
+    targets they did not observe.
     When no neighbour is fully scored, each target's sums run over the ``k`` most similar
     neighbours that observed it.
     """
@@ -189,17 +198,26 @@ def feedback_step(
     scored: FloatArray,
     params: DecisionParams,
 ) -> FloatArray:
-    """The fully scored rows' estimate ``scored`` refined by the partly scored neighbours
-    (rows learnt from feedback), per target from the ``k`` nearest that observed it:
-    (sum w_i y_it + m_f * scored_t) / (sum w_i + m_f), m_f = ``params.feedback_shrinkage``.
+    """The fully scored rows' estimate ``scored`` corrected by the residuals of the partly
+    scored neighbours (rows learnt from feedback), from the ``k`` nearest of them.
 
-    w_i = min(1, exp((s_i - s_best) / T_f)) with s_best the most similar fully scored row and
-    T_f = ``params.feedback_temperature``: a feedback row at least as close as the best fully
-    scored row counts as one observation, a distant one as almost nothing. Comparing targets
-    needs every target's outcome on the same queries, which only fully scored rows give;
-    feedback rows (each observed where the serving index chose that target) only move a
-    target's estimate where they are many and close, and never the targets they did not
-    observe, nor the scale of anyone's weights.
+    A feedback row's residual is its observed score minus ``scored`` for that target. Averaged
+    per target, residuals would compare targets on different queries (each observed where the
+    serving index chose it), and the queries' difficulty would dominate; so the neighbourhood's
+    residual over every observed target, r_all = sum v_i r_i / (sum v_i + 1), is taken as shared
+    by all targets (how much easier or harder these queries are than ``scored`` says), and each
+    target's own residuals move it away from that only as far as their weight allows:
+    q_t = scored_t + (sum_t w_i r_i + m_f * r_all) / (sum_t w_i + m_f), m_f =
+    ``params.feedback_shrinkage``. w_i = exp((s_i - s_best) / T_f) with s_best the most similar
+    neighbour of any kind and T_f = ``params.feedback_temperature``; the shared part's v_i use
+    the fully scored rows' own ``params.temperature`` instead (difficulty is as smooth as their
+    estimate, a target's own advantage may be more local; one temperature for both let the
+    build's criterion choose it for the shared part).
+
+    So a target no feedback row observed moves by r_all like every other unobserved target:
+    their differences, hence the choice among them, stay as the fully scored rows say; a target
+    the feedback rows observed rises or falls against the others by how much its residuals
+    differ from the shared one. ``tune.outcomes.feedback_batch`` is the vectorised twin.
     """
     m = params.feedback_shrinkage
     if m is None:
@@ -207,18 +225,38 @@ def feedback_step(
     order = np.argsort(-sims, kind="stable")
     sims, neighbour_scores = sims[order], neighbour_scores[order]
     exemplar_weights, complete = exemplar_weights[order], complete[order]
-    best = float(sims[complete].max())
-    w = np.minimum(1.0, np.exp((sims.astype(np.float64) - best) / params.feedback_temperature))
-    w = w * exemplar_weights
-    known = np.isfinite(neighbour_scores) & ~complete[:, None]
-    used = observed_first(known, params.k)
-    wt = w[:, None] * used
-    filled = np.where(known, neighbour_scores, 0.0)
-    num = (wt * filled).sum(axis=0) + m * scored
-    den = wt.sum(axis=0) + m
+    part = np.flatnonzero(~complete)
+    if params.k > 0:
+        part = part[: params.k]
+    if part.size == 0:
+        return scored
+    gap = sims[part].astype(np.float64) - float(sims[0])
+    ex = exemplar_weights[part].astype(np.float64)
+    w = np.exp(gap / params.feedback_temperature) * ex
+    v = np.exp(gap / params.temperature) * ex
+    q = feedback_correction(w[None, :], neighbour_scores[part][None, :, :],
+                            np.asarray(scored, dtype=np.float64)[None, :], m, v[None, :])
+    return np.asarray(q[0], dtype=np.float32)
+
+
+def feedback_correction(
+    w: npt.NDArray[np.float64], values: npt.NDArray[np.floating], scored: npt.NDArray[np.float64],
+    shrinkage: float, v: npt.NDArray[np.float64],
+) -> FloatArray:
+    """``feedback_step``'s arithmetic for many queries: ``w`` (n, f) and ``v`` (n, f) the
+    feedback neighbours' weights for their own targets and for the shared residual, ``values``
+    (n, f, targets) their scores (NaN unknown), ``scored`` (n, targets)."""
+    known = np.isfinite(values)
+    resid = np.where(known, values - scored[:, None, :], 0.0)
+    wk = w[:, :, None] * known
+    num = (wk * resid).sum(axis=1)
+    den = wk.sum(axis=1)
+    vk = v[:, :, None] * known
+    shared = (vk * resid).sum(axis=(1, 2))[:, None] / (vk.sum(axis=(1, 2))[:, None] + 1.0)
+    total = den + shrinkage
     with np.errstate(invalid="ignore", divide="ignore"):
-        q = np.where(den > 0, num / np.maximum(den, 1e-300), scored)
-    return np.asarray(q, dtype=np.float32)
+        step = np.where(total > 0, (num + shrinkage * shared) / np.maximum(total, 1e-300), shared)
+    return np.asarray(scored + step, dtype=np.float32)
 
 
 def predict_quality_local(
@@ -348,6 +386,22 @@ def decide_labelled(
             f"route {route!r} has {confidence:.2f} of the vote of {len(sims)} nearest exemplars "
             f"(best match {best_match:.2f})"
         )
+    # Out-of-scope exemplars: their share of the vote is the chance the query is one of them.
+    out_share = shares.get(OUT_OF_SCOPE, 0.0)
+    confidence *= 1.0 - out_share
+    if route == OUT_OF_SCOPE:
+        if table.default_route is None:
+            raise NoTargetAvailable(
+                "the nearest exemplars are out-of-scope examples and the index has no default "
+                "route to fall back to"
+            )
+        reason = (
+            f"out-of-scope examples have {out_share:.2f} of the vote of {len(sims)} nearest "
+            f"exemplars (best match {best_match:.2f}); using default route "
+            f"{table.default_route!r}"
+        )
+        route = table.default_route
+        return _labelled_decision(table, policy, route, confidence, True, reason, shares)
     fallback = False
     threshold = table.threshold_for(route)
     if (
@@ -361,6 +415,15 @@ def decide_labelled(
             f"using default route {table.default_route!r}"
         )
         route, fallback = table.default_route, True
+    return _labelled_decision(table, policy, route, confidence, fallback, reason, shares)
+
+
+def _labelled_decision(
+    table: RouteTable, policy: Policy, route: str, confidence: float, fallback: bool,
+    reason: str, shares: dict[str, float],
+) -> Decision:
+    """The decision for ``route``: its targets allowed by the policy, else the default
+    route's (a fallback), else NoTargetAvailable."""
     chain = _chain_for_route(table, route, policy)
     if not chain and table.default_route and route != table.default_route:
         chain = _chain_for_route(table, table.default_route, policy)

@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field
 
 from semroute.errors import ConfigError, ExemplarError, RowProblem
-from semroute.types import Exemplar, ExemplarKind, Route, RouteTable, Target
+from semroute.types import OUT_OF_SCOPE, Exemplar, ExemplarKind, Route, RouteTable, Target
 from semroute.yamlfile import StrictModel, line_of, read_yaml, validate
 
 MAX_LABEL_CHARS = 128
@@ -359,7 +359,9 @@ def load_route_table(
 
     Without a routes file every label (or outcome target) is its own route and target and no
     threshold applies; a labelled set also gets ``default_route`` (its own target, unless a
-    label has that name) to fall back to once thresholds are calibrated. ``targets_file`` (a CSV
+    label has that name) to fall back to once thresholds are calibrated. Exemplars labelled
+    ``oos`` (``types.OUT_OF_SCOPE``) are out-of-scope examples, never a route; they need a
+    default route. ``targets_file`` (a CSV
     like llmrouter/models.csv) sets or overrides target prices. Raises ConfigError naming the file and field.
     """
     targets: dict[str, Target] = {}
@@ -379,6 +381,8 @@ def load_route_table(
             routes.setdefault(name, Route(name, (name,)))
     elif routes_file is None:
         for label in labels:
+            if label == OUT_OF_SCOPE:
+                continue
             targets.setdefault(label, Target(label))
             routes[label] = Route(label, (label,))
         if default_route:
@@ -386,12 +390,26 @@ def load_route_table(
             routes.setdefault(default_route, Route(default_route, (default_route,)))
             fallback = default_route
     else:
-        first_missing = [label for label in labels if label not in routes]
+        if OUT_OF_SCOPE in routes:
+            raise ConfigError(
+                f"{routes_file}: routes: {OUT_OF_SCOPE!r} is reserved for out-of-scope "
+                "exemplars (they fall back to the default route); rename that route"
+            )
+        first_missing = [
+            label for label in labels if label not in routes and label != OUT_OF_SCOPE
+        ]
         if first_missing:
             raise ConfigError(
                 f"{routes_file}: routes: exemplar label(s) {first_missing[:10]} have no route; "
                 "add them under `routes:` or fix the labels"
             )
+    if OUT_OF_SCOPE in labels and not outcome_targets and fallback is None:
+        where = f"{routes_file}: " if routes_file is not None else ""
+        raise ConfigError(
+            f"{where}exemplars labelled {OUT_OF_SCOPE!r} are out-of-scope examples and need a "
+            "default route to fall back to: set `default:` in the routes file"
+            + ("" if routes_file is not None else " or pass --default-route NAME")
+        )
     return RouteTable(
         routes=routes, targets=targets, default_route=fallback, threshold=threshold
     )

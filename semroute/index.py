@@ -9,6 +9,11 @@ Layout of an index root::
                           thresholds, checksums of every other file
         index.faiss       inner-product FAISS index over L2-normalised embeddings (= cosine)
         exemplars.jsonl   one exemplar per line (text, label, weight, source), row i = FAISS id i
+        labels.npy        its columns, so loading parses no JSON (manifest ``columns``): each
+        weights.npy       row's label as an int32 code into the manifest's label names, its
+        offsets.npy       weight (float32), and the rows' byte offsets in exemplars.jsonl
+                          (int64, n + 1), from which a text is read only when asked (explain).
+                          Versions written before them load from exemplars.jsonl.
         scores.npy        outcome exemplars only: (n, targets) float32, NaN = unknown
         projection.npy    optional learned projection (d, d') applied to every vector before
                           FAISS (see semroute.projection); index.faiss holds projected vectors
@@ -26,15 +31,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import operator
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +57,7 @@ from semroute.index_types import read_flags, set_search_params
 from semroute.logs import get_logger, stderr_progress
 from semroute.manifest import (
     FORMAT_VERSION,
+    ColumnsRecord,
     Counts,
     EncoderRecord,
     FaissRecord,
@@ -58,20 +67,78 @@ from semroute.manifest import (
 )
 from semroute.static_encoder import StaticEncoder
 from semroute.tune import BuildTuning, tune_labelled_build, tune_outcome_build
-from semroute.types import Encoder, ExemplarKind, IndexInfo, RouteTable, Vectors
+from semroute.types import Encoder, Exemplar, ExemplarKind, IndexInfo, RouteTable, Vectors
 
-__all__ = ["FORMAT_VERSION", "ExemplarIndex", "IndexManifest", "build_index", "read_manifest",
-           "resolve_version_dir", "switch_current", "write_thresholds", "write_version"]
+__all__ = ["FORMAT_VERSION", "ExemplarIndex", "ExemplarTexts", "IndexManifest",
+           "build_from_exemplars", "build_index",
+           "read_manifest", "resolve_version_dir", "switch_current", "write_prebuilt_version",
+           "write_thresholds", "write_version"]
 
 log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 EXEMPLARS_FILE = "exemplars.jsonl"
+LABELS_FILE = "labels.npy"
+WEIGHTS_FILE = "weights.npy"
+OFFSETS_FILE = "offsets.npy"
 SCORES_FILE = "scores.npy"
 PROJECTION_FILE = "projection.npy"
 DENSITY_FILE = "density.npy"
 CURRENT = "current"
+EF_SEARCH_MAX = 1024  # the highest efSearch ``ExemplarIndex.search`` raises a graph to
+
+
+class ExemplarTexts(Sequence[str]):
+    """The exemplars' texts, each read from exemplars.jsonl when asked, by its row's byte
+    offsets: the router needs a text only to explain a decision, so loading parses no JSON and
+    holds no strings. The file is mapped read-only on first access (version files are never
+    rewritten). Iterating reads it once, in order. A row that is not valid JSON raises
+    CorruptIndex naming file and line."""
+
+    def __init__(self, file: Path, offsets: npt.NDArray[np.int64]) -> None:
+        self._file = file
+        self._offsets = offsets
+        self._mapped: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, row: int) -> str: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[str]: ...
+    def __getitem__(self, row: int | slice) -> str | list[str]:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        i = operator.index(row)  # numpy integers too (FAISS ids)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"exemplar row {row} out of range ({len(self)} rows)")
+        return self._text(self._data()[int(self._offsets[i]):int(self._offsets[i + 1])], i)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._file.open("rb") as fh:
+            for i, line in enumerate(fh):
+                yield self._text(line, i)
+
+    def _data(self) -> mmap.mmap:
+        if self._mapped is None:
+            with self._lock:
+                if self._mapped is None:
+                    with self._file.open("rb") as fh:
+                        self._mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mapped
+
+    def _text(self, line: bytes, i: int) -> str:
+        try:
+            return str(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptIndex(
+                f"{self._file}:{i + 1}: not an exemplar row ({exc}); rebuild the index"
+            ) from exc
 
 
 class ExemplarIndex:
@@ -82,7 +149,7 @@ class ExemplarIndex:
         path: Path,
         manifest: IndexManifest,
         faiss_index: Any,
-        texts: list[str],
+        texts: Sequence[str],
         labels: npt.NDArray[np.str_],
         weights: npt.NDArray[np.float32],
         scores: npt.NDArray[np.float32] | None,
@@ -108,6 +175,8 @@ class ExemplarIndex:
         # which rows are fully scored, and the search width for each k asked.
         self._complete_rows: npt.NDArray[np.bool_] | None = None
         self._widths: dict[int, int] = {}
+        # An HNSW graph's search effort must exceed the neighbours asked for (``search``).
+        self._ef_search = manifest.faiss.ef_search if "HNSW" in manifest.faiss.factory else 0
 
     @property
     def version(self) -> str:
@@ -139,8 +208,19 @@ class ExemplarIndex:
     def search(
         self, vectors: Vectors, k: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Top-k by cosine similarity. Returns (sims, ids), both (n, k); missing slots have id -1."""
+        """Top-k by cosine similarity. Returns (sims, ids), both (n, k); missing slots have id -1.
+
+        On an HNSW graph the search effort (efSearch) is raised to ``2 k`` (at most
+        ``EF_SEARCH_MAX``) when the recorded one is lower: with efSearch near k the graph
+        misses many true neighbours (an outcome index tuned to k=160 over LLMRouter's 5.6k
+        exemplars, searched at the default efSearch 64, cost more to match the best single
+        model than exact search did). Raised once, kept.
+        """
         k = min(k, self.size)
+        if self._ef_search and self._ef_search < min(2 * k, EF_SEARCH_MAX):
+            self._ef_search = min(2 * k, EF_SEARCH_MAX)
+            set_search_params(self._faiss, ef_search=self._ef_search,
+                              nprobe=self.manifest.faiss.nprobe)
         if self.projection is not None:
             from semroute.projection import apply_projection
 
@@ -210,15 +290,12 @@ class ExemplarIndex:
             )
         flags = read_flags(manifest.faiss.kind, mmap)
         faiss_index = faiss.read_index(str(version_dir / FAISS_FILE), flags)
-        texts: list[str] = []
-        labels: list[str] = []
-        weights: list[float] = []
-        with (version_dir / EXEMPLARS_FILE).open(encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                texts.append(row["text"])
-                labels.append(row.get("label", ""))
-                weights.append(float(row.get("weight", 1.0)))
+        texts: Sequence[str]
+        if manifest.columns is not None:
+            texts, labels, weights = _read_columns(version_dir, manifest.columns,
+                                                   manifest.counts.exemplars)
+        else:
+            texts, labels, weights = _read_exemplar_rows(version_dir)
         scores = None
         if manifest.kind is ExemplarKind.OUTCOMES:
             scores = np.load(version_dir / SCORES_FILE, allow_pickle=False).astype(np.float32)
@@ -258,12 +335,69 @@ class ExemplarIndex:
             manifest,
             faiss_index,
             texts,
-            np.asarray(labels, dtype=np.str_),
-            np.asarray(weights, dtype=np.float32),
+            labels,
+            weights,
             scores,
             projection,
             density,
         )
+
+
+def _read_exemplar_rows(
+    version_dir: Path,
+) -> tuple[list[str], npt.NDArray[np.str_], npt.NDArray[np.float32]]:
+    """Texts, labels and weights parsed from exemplars.jsonl: versions written without the
+    columns (one ``json.loads`` per row: seconds at a million rows)."""
+    texts: list[str] = []
+    labels: list[str] = []
+    weights: list[float] = []
+    file = version_dir / EXEMPLARS_FILE
+    with file.open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(row.get("label", ""))
+            weights.append(float(row.get("weight", 1.0)))
+    return texts, np.asarray(labels, dtype=np.str_), np.asarray(weights, dtype=np.float32)
+
+
+def _read_columns(
+    version_dir: Path, columns: ColumnsRecord, count: int
+) -> tuple[ExemplarTexts, npt.NDArray[np.str_], npt.NDArray[np.float32]]:
+    """Texts (read when asked), labels and weights from the exemplar columns, each checked
+    against the manifest's row count (CorruptIndex naming the file otherwise). Weights and
+    offsets stay mapped read-only, shared between processes serving the same version."""
+    codes = _column(version_dir / columns.labels, np.dtype(np.int32), count)
+    weights = _column(version_dir / columns.weights, np.dtype(np.float32), count)
+    offsets = _column(version_dir / columns.offsets, np.dtype(np.int64), count + 1)
+    names = np.asarray(columns.label_names, dtype=np.str_)
+    if count and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
+        raise CorruptIndex(
+            f"{version_dir / columns.labels}: label codes {int(codes.min())}..{int(codes.max())} "
+            f"outside the manifest's {len(names)} label names; rebuild the index"
+        )
+    table = version_dir / EXEMPLARS_FILE
+    size = table.stat().st_size
+    if offsets[0] != 0 or offsets[-1] != size or bool((np.diff(offsets) <= 0).any()):
+        raise CorruptIndex(
+            f"{version_dir / columns.offsets}: row offsets do not fit {table} ({size} bytes, "
+            f"last offset {int(offsets[-1])}); rebuild the index"
+        )
+    return ExemplarTexts(table, offsets), names[codes], weights
+
+
+def _column(file: Path, dtype: np.dtype[Any], rows: int) -> npt.NDArray[Any]:
+    """One .npy column, mapped read-only, checked for dtype and length."""
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CorruptIndex(f"{file}: not a .npy array ({exc}); rebuild the index") from exc
+    if array.dtype != dtype or array.shape != (rows,):
+        raise CorruptIndex(
+            f"{file}: {array.dtype} {array.shape}, expected {dtype} ({rows},) to fit the "
+            f"manifest's exemplar count; rebuild the index"
+        )
+    return np.asarray(array)  # a plain read-only ndarray over the mapping
 
 
 def resolve_version_dir(path: Path) -> Path:
@@ -344,13 +478,37 @@ def build_index(
     Nothing is written unless every row and the routes file are valid (ExemplarError /
     ConfigError otherwise). Returns the new version directory.
     """
-    settings = settings or IndexSettings()
-    decision = decision or DecisionSettings()
     exemplar_set = read_exemplars(list(exemplar_paths))
     table = load_route_table(
         routes_file, exemplar_set.labels, targets_file, outcome_targets=exemplar_set.targets,
         default_route=default_route,
     )
+    return build_from_exemplars(
+        exemplar_set, table, out_root, encoder, settings=settings, decision=decision,
+        batch_size=batch_size, progress=progress, encoder_path=encoder_path, tune=tune,
+        static_model=static_model,
+    )
+
+
+def build_from_exemplars(
+    exemplar_set: ExemplarSet,
+    table: RouteTable,
+    out_root: Path,
+    encoder: Encoder,
+    *,
+    settings: IndexSettings | None = None,
+    decision: DecisionSettings | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    encoder_path: Path | None = None,
+    tune: bool = True,
+    static_model: StaticEncoder | None = None,
+) -> Path:
+    """``build_index`` from exemplars already read and a route table already made (for
+    example an existing version's rows plus new ones: ``calibrate`` adding out-of-scope
+    examples). Embeds, tunes, writes a new version and switches ``current``."""
+    settings = settings or IndexSettings()
+    decision = decision or DecisionSettings()
     for warning in exemplar_set.warnings[:20]:
         log.warning("exemplar_warning", detail=warning)
     if len(exemplar_set.warnings) > 20:
@@ -370,8 +528,9 @@ def build_index(
     if learned and exemplar_set.kind is ExemplarKind.LABELLED:
         from semroute.tune.folds import one_blas_thread
 
+        strength = tuning.extra.get("projection_strength") if tuning is not None else None
         with one_blas_thread():
-            projection = learn_projection(vectors, exemplar_set, settings)
+            projection = learn_projection(vectors, exemplar_set, settings, strength)
     return write_version(
         out_root,
         exemplar_set,
@@ -418,16 +577,19 @@ def _score_matrix(exemplar_set: ExemplarSet) -> npt.NDArray[np.float32]:
 
 
 def learn_projection(
-    vectors: Vectors, exemplar_set: ExemplarSet, settings: IndexSettings
+    vectors: Vectors, exemplar_set: ExemplarSet, settings: IndexSettings,
+    strength: float | None = None,
 ) -> npt.NDArray[np.float32] | None:
-    """Fit the learned projection on a labelled set (None with fewer than two routes)."""
+    """Fit the learned projection on a labelled set (None with fewer than two routes), at
+    ``strength`` (the build's tuned one; None: chosen by CV here, ``projection``)."""
     from semroute.projection import ProjectionParams, fit_projection
 
     labels = [e.label for e in exemplar_set.exemplars]
     if len(set(labels)) < 2:
         return None
     started = time.perf_counter()
-    matrix = fit_projection(vectors, labels, ProjectionParams(epochs=settings.projection_epochs))
+    matrix = fit_projection(vectors, labels, ProjectionParams(epochs=settings.projection_epochs,
+                                                              strength=strength))
     log.info("projection_learned", exemplars=len(labels),
              seconds=round(time.perf_counter() - started, 2))
     return matrix
@@ -480,25 +642,12 @@ def write_version(
     content = hashlib.sha256(vectors.tobytes()).hexdigest()[:8]
     version = f"{built_at.strftime('%Y%m%dT%H%M%S%fZ')}-{content}"
     out_root = Path(out_root)
-    versions = out_root / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=versions))
+    tmp = _staging_dir(out_root)
     try:
         faiss.write_index(index, str(tmp / FAISS_FILE))
-        with (tmp / EXEMPLARS_FILE).open("w", encoding="utf-8") as fh:
-            for e in exemplar_set.exemplars:
-                row = {"text": e.text, "label": e.label, "weight": e.weight, "source": e.source}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        files = [FAISS_FILE, EXEMPLARS_FILE]
-        target_means: dict[str, float] = {}
-        if exemplar_set.kind is ExemplarKind.OUTCOMES:
-            scores = _score_matrix(exemplar_set)
-            np.save(tmp / SCORES_FILE, scores, allow_pickle=False)
-            files.append(SCORES_FILE)
-            target_means = {
-                t: float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else 0.0
-                for j, t in enumerate(exemplar_set.targets)
-            }
+        columns = _write_exemplars(tmp, exemplar_set.exemplars)
+        files = [FAISS_FILE, EXEMPLARS_FILE, *columns.files]
+        target_means = _write_scores(tmp, exemplar_set, files)
         if projection is not None:
             np.save(tmp / PROJECTION_FILE, projection.astype(np.float32), allow_pickle=False)
             files.append(PROJECTION_FILE)
@@ -524,15 +673,12 @@ def write_version(
                 ef_search=settings.hnsw_ef_search,
             )
             files.extend((static.file, static.map_file))
-        label_counts: dict[str, int] = {}
-        for e in exemplar_set.exemplars:
-            if e.label:
-                label_counts[e.label] = label_counts.get(e.label, 0) + 1
         manifest = IndexManifest(
             version=version,
             built_at=built_at.isoformat(),
             kind=exemplar_set.kind,
-            counts=Counts(n, label_counts, exemplar_set.dropped_duplicates),
+            counts=Counts(n, _label_counts(exemplar_set.exemplars),
+                          exemplar_set.dropped_duplicates),
             encoder=EncoderRecord(
                 encoder.fingerprint, dimension,
                 str(Path(encoder_path).resolve()) if encoder_path else "",
@@ -553,16 +699,139 @@ def write_version(
             abstain=abstain,
             density=DENSITY_FILE if abstain is not None else None,
             static=static,
+            columns=columns,
         )
-        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        tmp.chmod(0o755)
-        final = versions / version
-        tmp.rename(final)
+        final = _commit_version(tmp, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     switch_current(out_root, final)
     return final
+
+
+def write_prebuilt_version(
+    out_root: Path,
+    faiss_file: Path,
+    exemplar_set: ExemplarSet,
+    table: RouteTable,
+    *,
+    encoder_record: EncoderRecord,
+    faiss_record: FaissRecord,
+    stats: Mapping[str, float] | None = None,
+) -> Path:
+    """Write an index version around an already-built FAISS index file and switch ``current``
+    to it: the layout ``write_version`` writes (index.faiss, exemplars.jsonl and its columns,
+    scores for an outcome set, a manifest with every file's checksum), untuned: no decision
+    settings, abstention model, density, projection or static stage.
+
+    For vectors embedded and indexed elsewhere, e.g. a benchmark's synthetic million: row i
+    of ``faiss_file`` is ``exemplar_set.exemplars[i]``, searched as ``faiss_record`` says.
+    The file is hard-linked when it can be (version files are never rewritten), else copied.
+    Raises CorruptIndex, writing nothing, when its rows or dimension do not fit. Returns the
+    new version directory.
+    """
+    import faiss
+
+    n = len(exemplar_set.exemplars)
+    index = faiss.read_index(str(faiss_file), read_flags(faiss_record.kind, True))
+    if index.ntotal != n or index.d != encoder_record.dimension:
+        raise CorruptIndex(
+            f"{faiss_file}: {index.ntotal} vectors of dimension {index.d}, but {n} exemplars and "
+            f"encoder dimension {encoder_record.dimension}; build the FAISS file over these rows"
+        )
+    del index
+    out_root = Path(out_root)
+    tmp = _staging_dir(out_root)
+    try:
+        try:
+            os.link(faiss_file, tmp / FAISS_FILE)
+        except OSError:
+            shutil.copyfile(faiss_file, tmp / FAISS_FILE)
+        columns = _write_exemplars(tmp, exemplar_set.exemplars)
+        files = [FAISS_FILE, EXEMPLARS_FILE, *columns.files]
+        target_means = _write_scores(tmp, exemplar_set, files)
+        checksums = {name: _sha256(tmp / name) for name in files}
+        built_at = datetime.now(UTC)
+        manifest = IndexManifest(
+            version=f"{built_at.strftime('%Y%m%dT%H%M%S%fZ')}-{checksums[FAISS_FILE][:8]}",
+            built_at=built_at.isoformat(),
+            kind=exemplar_set.kind,
+            counts=Counts(n, _label_counts(exemplar_set.exemplars),
+                          exemplar_set.dropped_duplicates),
+            encoder=encoder_record,
+            faiss=faiss_record,
+            route_table=table,
+            checksums=checksums,
+            score_targets=tuple(exemplar_set.targets),
+            target_means=target_means,
+            stats=dict(stats or {}),
+            columns=columns,
+        )
+        final = _commit_version(tmp, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    switch_current(out_root, final)
+    return final
+
+
+def _staging_dir(out_root: Path) -> Path:
+    """A new hidden directory under ROOT/versions to write a version in."""
+    versions = out_root / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".build-", dir=versions))
+
+
+def _commit_version(tmp: Path, manifest: IndexManifest) -> Path:
+    """Write the manifest last, then rename the staged directory to versions/<version>."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    tmp.chmod(0o755)
+    final = tmp.parent / manifest.version
+    tmp.rename(final)
+    return final
+
+
+def _write_exemplars(version_dir: Path, exemplars: Sequence[Exemplar]) -> ColumnsRecord:
+    """exemplars.jsonl (row i = FAISS id i) and its columns beside it (labels, weights, the
+    rows' byte offsets)."""
+    names = sorted({e.label for e in exemplars})
+    code = {name: i for i, name in enumerate(names)}
+    lengths = np.empty(len(exemplars), dtype=np.int64)
+    with (version_dir / EXEMPLARS_FILE).open("wb") as fh:
+        for i, e in enumerate(exemplars):
+            row = {"text": e.text, "label": e.label, "weight": e.weight, "source": e.source}
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            fh.write(line)
+            lengths[i] = len(line)
+    offsets = np.zeros(len(exemplars) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    codes = np.fromiter((code[e.label] for e in exemplars), dtype=np.int32, count=len(exemplars))
+    weights = np.fromiter((e.weight for e in exemplars), dtype=np.float32, count=len(exemplars))
+    np.save(version_dir / LABELS_FILE, codes, allow_pickle=False)
+    np.save(version_dir / WEIGHTS_FILE, weights, allow_pickle=False)
+    np.save(version_dir / OFFSETS_FILE, offsets, allow_pickle=False)
+    return ColumnsRecord(LABELS_FILE, tuple(names), WEIGHTS_FILE, OFFSETS_FILE)
+
+
+def _write_scores(version_dir: Path, exemplar_set: ExemplarSet, files: list[str]) -> dict[str, float]:
+    """An outcome set's score matrix (scores.npy, appended to ``files``); its targets' means."""
+    if exemplar_set.kind is not ExemplarKind.OUTCOMES:
+        return {}
+    scores = _score_matrix(exemplar_set)
+    np.save(version_dir / SCORES_FILE, scores, allow_pickle=False)
+    files.append(SCORES_FILE)
+    return {
+        t: float(np.nanmean(scores[:, j])) if np.isfinite(scores[:, j]).any() else 0.0
+        for j, t in enumerate(exemplar_set.targets)
+    }
+
+
+def _label_counts(exemplars: Sequence[Exemplar]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in exemplars:
+        if e.label:
+            counts[e.label] = counts.get(e.label, 0) + 1
+    return counts
 
 
 def switch_current(root: Path, version_dir: Path) -> None:

@@ -3,7 +3,10 @@
 Format 1 grew additively: ``decision`` (settings chosen by the build's tuner), ``tuning`` (its
 cross-validated figures), ``abstain`` (the abstention score's weights) and ``density`` (the file
 of each exemplar's own density) are absent from older indexes, which still load and behave as
-before (vote share as confidence, the settings' decision values).
+before (vote share as confidence, the settings' decision values). ``columns`` (the exemplars'
+labels, weights and row offsets as .npy files beside exemplars.jsonl) is absent too from older
+indexes, which load their exemplars from the JSON lines instead; exemplars.jsonl is still
+written, so an older semroute reads a newer index.
 """
 
 from __future__ import annotations
@@ -88,6 +91,35 @@ class StaticRecord:
 
 
 @dataclass(frozen=True)
+class ColumnsRecord:
+    """The exemplars' columns the router needs to decide, beside exemplars.jsonl so loading
+    parses no JSON: each row's label as an int32 code into ``label_names``, its weight
+    (float32), and the byte offsets of the rows in exemplars.jsonl (int64, rows + 1 of them,
+    the last the file's size) from which a text is read when asked."""
+
+    labels: str
+    label_names: tuple[str, ...]
+    weights: str
+    offsets: str
+
+    @property
+    def files(self) -> tuple[str, str, str]:
+        return (self.labels, self.weights, self.offsets)
+
+    def to_json(self) -> JsonDict:
+        out = asdict(self)
+        out["label_names"] = list(self.label_names)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ColumnsRecord:
+        names = raw["label_names"]
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise TypeError("columns.label_names is not a list of strings")
+        return cls(str(raw["labels"]), tuple(names), str(raw["weights"]), str(raw["offsets"]))
+
+
+@dataclass(frozen=True)
 class Counts:
     exemplars: int
     per_label: Mapping[str, int] = field(default_factory=dict)
@@ -125,6 +157,7 @@ class IndexManifest:
     abstain: AbstainModel | None = None
     density: str | None = None
     static: StaticRecord | None = None
+    columns: ColumnsRecord | None = None
     format: int = FORMAT_VERSION
 
     def effective_route_table(self) -> RouteTable:
@@ -163,6 +196,7 @@ class IndexManifest:
             "abstain": self.abstain.to_dict() if self.abstain else None,
             "density": self.density,
             "static": self.static.to_json() if self.static else None,
+            "columns": self.columns.to_json() if self.columns else None,
             "checksums": dict(self.checksums),
         }
 
@@ -203,6 +237,8 @@ class IndexManifest:
                 abstain=AbstainModel.from_dict(abstain) if abstain else None,
                 density=data.get("density"),
                 static=StaticRecord.from_json(data["static"]) if data.get("static") else None,
+                columns=(ColumnsRecord.from_json(data["columns"]) if data.get("columns")
+                         else None),
             )
         except (KeyError, TypeError, ValueError, AssertionError) as exc:
             raise CorruptIndex(

@@ -60,9 +60,11 @@ async def serve_router(
     With ``router_server.processes`` > 1 this process supervises that many worker processes
     on one port instead (``serve_router_workers``). ``link``: this process is one of them.
     ``on_ready(grpc_port, metrics_port)`` is called once the index is loaded. Raises
-    SemrouteError if the first load fails (the server is stopped first).
+    SemrouteError if the first load fails (the server is stopped first). numpy's BLAS runs on
+    one thread in a router process (``limit_blas_threads``).
     """
     srv = settings.router_server
+    limit_blas_threads()
     if link is None and srv.processes > 1:
         await serve_router_workers(settings, index_path, encoder_path=encoder_path, stop=stop,
                                    on_ready=on_ready)
@@ -115,6 +117,42 @@ async def serve_router(
         await handle.close()
         if metrics_server is not None:
             metrics_server.close()
+
+
+# numpy's OpenBLAS under its usual names (the scipy-openblas wheels suffix them).
+_BLAS_SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def limit_blas_threads(threads: int = 1) -> bool:
+    """Run numpy's OpenBLAS on ``threads`` threads in this process; False if it was not found
+    (not OpenBLAS, or not Linux). The router's only BLAS work is small products (the index's
+    projection of a batch of queries), which a second BLAS thread barely speeds up, while that
+    thread spin-waits for more work long after each one: on 2 cores it took about a third of
+    the server's CPU under load and a core from the encoder (scripts/profile_route.py
+    --threads). The server's parallelism is its worker threads and the encoder's."""
+    import ctypes
+
+    import numpy  # noqa: F401 - loads the library looked up below
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    # numpy.libs/ (wheels) holds numpy's own copy; faiss's OpenMP build stays as it is.
+    paths = {path for path in (line.split()[-1] for line in maps.splitlines())
+             if "/numpy" in path and "openblas" in path.rsplit("/", 1)[-1]}
+    done = False
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        setter = next((getattr(lib, n) for n in _BLAS_SET_THREADS if hasattr(lib, n)), None)
+        if setter is not None:
+            setter(ctypes.c_int(threads))
+            done = True
+    return done
 
 
 def _metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:

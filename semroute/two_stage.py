@@ -39,7 +39,7 @@ from semroute.errors import FingerprintMismatch, NoTargetAvailable
 from semroute.logs import get_logger
 from semroute.manifest import IndexManifest, StaticRecord
 from semroute.static_encoder import StaticEncoder
-from semroute.types import Decision, Policy, Query, RouteTable, Vectors
+from semroute.types import OUT_OF_SCOPE, Decision, Policy, Query, RouteTable, Vectors
 
 log = get_logger(__name__)
 
@@ -75,7 +75,7 @@ class IndexView(Protocol):
     @property
     def route_table(self) -> RouteTable: ...
     @property
-    def texts(self) -> list[str]: ...
+    def texts(self) -> Sequence[str]: ...
     @property
     def labels(self) -> npt.NDArray[np.str_]: ...
     @property
@@ -357,6 +357,8 @@ class StaticStage:
                     and sims[j].max() >= rec.min_similarity):
                 continue
             route = self._names[int(winner[j])]
+            if route == OUT_OF_SCOPE:
+                continue  # out-of-scope examples won: the full decision falls back, says why
             query = queries[i]
             spec = self._table.routes.get(route)
             chain = allowed(self._table, spec.targets if spec else (route,), query.policy)

@@ -12,6 +12,11 @@ import numpy.typing as npt
 
 Vectors = npt.NDArray[np.float32]
 
+# Labelled exemplars with this label are out-of-scope examples, not a route: when they win a
+# query's vote the router falls back to the default route (``semroute.decision``). The same
+# label marks out-of-scope rows in validation and test files (``calibrate``, ``eval labels``).
+OUT_OF_SCOPE = "oos"
+
 
 class ExemplarKind(StrEnum):
     """Labelled exemplars carry a route label; outcome exemplars carry a score per target."""

@@ -16,7 +16,7 @@ from semroute.config import (
     DEFAULT_INDEX_DIR,
     FP32_ENCODER_DIR,
 )
-from semroute.types import Decision, Policy, Query
+from semroute.types import OUT_OF_SCOPE, Decision, Policy, Query
 
 
 def register(top: Any, groups: dict[str, Any]) -> None:
@@ -196,8 +196,10 @@ def _build_into(args: argparse.Namespace, out: Path) -> Path:
     elapsed = time.perf_counter() - started
     manifest = read_manifest(version_dir)
     n = manifest.counts.exemplars
+    n_out = manifest.counts.per_label.get(OUT_OF_SCOPE, 0)
     print(
-        f"built {manifest.kind.value} index {manifest.version}: {n} exemplars, "
+        f"built {manifest.kind.value} index {manifest.version}: {n} exemplars"
+        f"{f' ({n_out} out-of-scope examples)' if n_out else ''}, "
         f"{len(manifest.route_table.routes)} routes, {manifest.faiss.factory} "
         f"in {elapsed:.1f}s ({n / elapsed:.0f} exemplars/s); {args.out}/current -> {version_dir.name}"
     )

@@ -60,6 +60,12 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--min-rows", type=int, default=10,
                    help="per route: validation rows needed to set its own threshold [10]")
     p.add_argument("--encoder", type=Path, default=None, help="encoder directory")
+    p.add_argument(
+        "--no-add-out-of-scope", dest="add_out_of_scope", action="store_false",
+        help="do not add the rows labelled `oos` to the index as out-of-scope exemplars (by "
+        "default they are, in a new index version, and the thresholds are chosen on the other "
+        "rows)",
+    )
     p.set_defaults(handler=_calibrate)
 
     p = groups["index"].add_parser(
@@ -174,7 +180,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     cal, version_dir = calibrate_index(
         args.index, args.val, settings, precision=args.precision, coverage=args.coverage,
         in_scope_coverage=args.in_scope_coverage, per_route=args.per_route,
-        min_rows=args.min_rows, encoder_path=args.encoder,
+        min_rows=args.min_rows, encoder_path=args.encoder, add_out_of_scope=args.add_out_of_scope,
     )
     if args.precision is not None:
         goal = f"precision {args.precision}"
@@ -182,6 +188,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         goal = f"coverage {args.coverage}"
     else:
         goal = f"in-scope coverage {args.in_scope_coverage}"
+    if cal.added_out_of_scope:
+        print(f"added {cal.added_out_of_scope} out-of-scope exemplars (rows labelled `oos`) in "
+              f"a new version; thresholds chosen on the other rows")
     print(f"calibrated {version_dir} for {goal}")
     print(f"  {'route':<24} {'threshold':>9} {'precision':>9} {'coverage':>8} {'rows':>6}")
     for route, p in cal.points.items():

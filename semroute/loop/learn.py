@@ -7,8 +7,10 @@ index's routes, targets and thresholds:
 - an **outcome** index gains one row per logged query text with feedback: each target that
   answered it gets the mean feedback it received (a request's several scores, and repeats of
   the same text, averaged), every other target stays unknown (blank). The decision compares
-  targets on the fully scored rows and lets a feedback row move only the target that answered
-  it (``semroute.decision.feedback_step``, its weight tuned by the build). A query that is
+  targets on the fully scored rows and corrects them by the feedback rows' residuals: their
+  shared part moves every target alike, a target's own part moves it against the others
+  (``semroute.decision.feedback_step``, its strength chosen by the build on held-out feedback
+  rows, or the rows left out when they do not predict better). A query that is
   already an exemplar keeps its measured scores; feedback only fills its blank cells;
 - a **labelled** index gains the queries whose answer scored at least ``min_score`` as exemplars
   of the route they were sent to (a low score says the route was wrong, not which one was right,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from semroute.errors import ConfigError
 from semroute.logs import get_logger
+from semroute.types import OUT_OF_SCOPE
 
 if TYPE_CHECKING:
     from semroute.config import Settings
@@ -84,6 +85,7 @@ class Calibration:
     per_route: dict[str, float] = field(default_factory=dict)
     points: dict[str, OperatingPoint] = field(default_factory=dict)  # "*" = global
     skipped: dict[str, str] = field(default_factory=dict)  # route -> why it kept the global
+    added_out_of_scope: int = 0  # validation rows added to the index as out-of-scope exemplars
 
 
 def choose_thresholds(
@@ -147,7 +149,7 @@ def choose_thresholds(
         )
     result = Calibration(global_threshold=g.threshold, points={"*": g})
     if per_route:
-        for route in sorted(set(pred.tolist())):
+        for route in sorted(set(pred.tolist()) - {OUT_OF_SCOPE}):  # examples are no route
             mask = pred == route
             if mask.sum() < min_rows:
                 result.skipped[route] = f"{int(mask.sum())} validation rows < {min_rows}"
@@ -178,6 +180,7 @@ def calibrate_index(
     per_route: bool = False,
     min_rows: int = 10,
     encoder_path: Path | None = None,
+    add_out_of_scope: bool = True,
 ) -> tuple[Calibration, Path]:
     """Load the index with its encoder (under the caller's ``settings``) and run
     ``calibrate_router``."""
@@ -186,7 +189,7 @@ def calibrate_index(
     router = Router.load(index_path, settings, encoder_path=encoder_path)
     return calibrate_router(router, val_csv, precision=precision, coverage=coverage,
                             in_scope_coverage=in_scope_coverage, per_route=per_route,
-                            min_rows=min_rows)
+                            min_rows=min_rows, add_out_of_scope=add_out_of_scope)
 
 
 def calibrate_router(
@@ -198,6 +201,7 @@ def calibrate_router(
     in_scope_coverage: float | None = None,
     per_route: bool = False,
     min_rows: int = 10,
+    add_out_of_scope: bool = True,
 ) -> tuple[Calibration, Path]:
     """Route the validation CSV, choose thresholds and write them into the manifest of the
     router's index version. Returns the calibration and the version directory written.
@@ -205,6 +209,12 @@ def calibrate_router(
     The confidence a threshold is compared with does not depend on the threshold, and the
     pre-threshold winner is kept on fallbacks, so the index's current thresholds do not matter.
     Rows labelled ``oos`` or with a label the index has no route for are out of scope.
+
+    With ``add_out_of_scope`` (the default) the rows labelled ``oos`` are first added to the
+    index as out-of-scope exemplars (``add_out_of_scope_exemplars``: a new version, switched
+    to), and the thresholds are chosen on the remaining rows, which the new exemplars have not
+    seen. Rows the router falls back on because out-of-scope exemplars won their vote are never
+    answered, whatever the threshold.
     """
     from semroute.index import write_thresholds
     from semroute.quality.metrics import OOS_LABEL
@@ -212,17 +222,91 @@ def calibrate_router(
     from semroute.quality.testfiles import read_labelled_csv
 
     texts, labels = read_labelled_csv(val_csv)
+    added = 0
+    if add_out_of_scope and OOS_LABEL in labels:
+        examples = [t for t, lab in zip(texts, labels, strict=True) if lab == OOS_LABEL]
+        grown = add_out_of_scope_exemplars(router, examples, str(val_csv))
+        if grown is not None:
+            router, added = grown
+            kept = [i for i, lab in enumerate(labels) if lab != OOS_LABEL]
+            texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
+    if not texts:
+        raise ConfigError(f"calibrate: {val_csv}: no validation rows left to choose thresholds on")
     run = route_labelled(router, texts)
     known = set(router.index.route_table.routes)
     correct = np.array([p == t for p, t in zip(run.predicted, labels, strict=True)])
     in_scope = np.array([t != OOS_LABEL and t in known for t in labels])
+    # out-of-scope exemplars won the vote: a fallback at any threshold
+    confidence = np.where(np.asarray(run.predicted) == OOS_LABEL, -np.inf, run.confidence)
     cal = choose_thresholds(
-        run.predicted, run.confidence, correct,
+        run.predicted, confidence, correct,
         precision=precision, coverage=coverage, in_scope_coverage=in_scope_coverage,
         in_scope=in_scope, per_route=per_route, min_rows=min_rows,
     )
+    cal.added_out_of_scope = added
+    _finite_thresholds(cal)
     version_dir = router.index.path
     write_thresholds(version_dir, cal.global_threshold, cal.per_route)
     log.info("calibrated", index=str(version_dir), threshold=cal.global_threshold,
-             per_route=len(cal.per_route))
+             per_route=len(cal.per_route), added_out_of_scope=added)
     return cal, version_dir
+
+
+def _finite_thresholds(cal: Calibration) -> None:
+    """A coverage goal that reaches into the rows out-of-scope exemplars took gives -inf:
+    answer everything else (threshold 0) and say so."""
+    if cal.global_threshold is not None and not math.isfinite(cal.global_threshold):
+        cal.global_threshold = 0.0
+        cal.skipped["*"] = "coverage not reachable: out-of-scope exemplars take more rows"
+    for route, value in list(cal.per_route.items()):
+        if not math.isfinite(value):
+            cal.per_route[route] = 0.0
+            cal.skipped[route] = "coverage not reachable: out-of-scope exemplars take more rows"
+    for name, point in list(cal.points.items()):
+        if not math.isfinite(point.threshold):
+            cal.points[name] = replace(point, threshold=0.0)
+
+
+def add_out_of_scope_exemplars(
+    router: Router, examples: Sequence[str], source: str
+) -> tuple[Router, int] | None:
+    """A new version of the router's index with ``examples`` added as out-of-scope exemplars
+    (label ``oos``), built like the original (same route table, FAISS kind and tuning), with
+    ``current`` switched to it; the router on it and how many rows were added. None (with a
+    warning) when the index cannot take them: an outcome index, or no default route."""
+    from semroute.config import IndexSettings
+    from semroute.index import ExemplarIndex, build_from_exemplars
+    from semroute.types import OUT_OF_SCOPE, Exemplar, ExemplarKind
+
+    index = router.index
+    manifest = index.manifest
+    if manifest.kind is not ExemplarKind.LABELLED or manifest.route_table.default_route is None:
+        log.warning(
+            "out_of_scope_rows_not_added",
+            why="outcome index" if manifest.kind is not ExemplarKind.LABELLED
+            else "the index has no default route to fall back to",
+        )
+        return None
+    from semroute.exemplars import ExemplarSet
+
+    rows = [
+        Exemplar(text=str(t), label=str(lab), weight=float(w), source=f"{index.path}:{i + 1}")
+        for i, (t, lab, w) in enumerate(zip(index.texts, index.labels, index.weights, strict=True))
+    ]
+    seen = {e.text for e in rows}
+    new = [t for t in dict.fromkeys(examples) if t not in seen]
+    rows += [Exemplar(text=t, label=OUT_OF_SCOPE, source=source) for t in new]
+    settings = router.settings.index.model_copy(update={
+        "faiss": manifest.faiss.kind,
+        "projection": "auto" if manifest.tuning else (
+            "learned" if manifest.projection is not None else "none"),
+    })
+    assert isinstance(settings, IndexSettings)
+    version_dir = build_from_exemplars(
+        ExemplarSet(ExemplarKind.LABELLED, rows), manifest.route_table, index.path.parent.parent,
+        router.encoder, settings=settings, decision=router.settings.decision, progress=False,
+        encoder_path=Path(manifest.encoder.path) if manifest.encoder.path else None,
+        tune=bool(manifest.tuning),
+    )
+    log.info("out_of_scope_exemplars_added", rows=len(new), index=str(version_dir))
+    return router.with_index(ExemplarIndex.load(version_dir)), len(new)

@@ -33,6 +33,7 @@ from semroute.tune.frontier import (
     single_targets,
     upper_hull,
 )
+from semroute.types import OUT_OF_SCOPE
 
 __all__ = [
     "AbstainMetrics",
@@ -67,7 +68,7 @@ __all__ = [
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-OOS_LABEL = "oos"
+OOS_LABEL = OUT_OF_SCOPE
 
 @dataclass(frozen=True)
 class RouteScore:

@@ -58,8 +58,13 @@ def tune_labelled_build(
         "seconds": round(t.seconds, 2),
         "summary": t.summary(),
     }
+    if t.projection:
+        figures["projection_strength"] = t.projection_strength
+        figures["projection_strength_cv_accuracy"] = {
+            f"{s:g}": round(a, 4) for s, a in t.strength_cv_accuracy.items()}
     return BuildTuning({"k": t.k, "temperature": t.temperature}, figures, t.summary(),
-                       t.projection, t.abstain)
+                       t.projection, t.abstain,
+                       extra={"projection_strength": t.projection_strength})
 
 
 def tune_outcome_build(

@@ -2,11 +2,15 @@
 
 1. Row-wise stratified folds: each held-out fold is routed against the rest (with the learned
    projection fitted on the rest, when tried) for every (k, temperature); the setting with the
-   best out-of-fold accuracy wins (ties: the earlier, simpler grid point).
+   best out-of-fold accuracy wins (ties: the earlier, simpler grid point). The learned space is
+   tried at the strength ``projection.choose_strength`` picks on these same folds, which is
+   what the build's final fit picks too.
 2. The abstention score (``semroute.abstain``) is fitted on the chosen setting's out-of-fold
    rows (target: routed right) plus leave-routes-out rows: groups of routes are held out whole
    and their exemplars routed against the others (target 0, they have no right route). No
-   out-of-scope example is needed. The two kinds weigh the same in the fit.
+   out-of-scope example is needed. The two kinds weigh the same in the fit. Exemplars labelled
+   ``oos`` (out-of-scope examples, ``decision``) are a class like the routes in the CV, but a
+   held-out one is never a right answer (target 0).
 
 Embeddings are computed once by the caller and reused by every fold.
 """
@@ -29,6 +33,7 @@ from semroute.abstain import (
     own_density,
 )
 from semroute.tune.folds import route_groups, stratified_folds, top_neighbours
+from semroute.types import OUT_OF_SCOPE
 
 Matrix = npt.NDArray[np.float32]
 FloatArray = npt.NDArray[np.float64]
@@ -53,11 +58,18 @@ class LabelledTuning:
     abstain_auroc: float | None = None  # in-scope CV rows vs leave-routes-out rows
     feature_auroc: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    projection_strength: float = 1.0  # ``projection.choose_strength``'s pick, when learned
+    # CV accuracy of the learned space per strength (empty when it was not tried)
+    strength_cv_accuracy: dict[float, float] = field(default_factory=dict)
 
     def summary(self) -> str:
+        strength = ""
+        if self.projection and self.strength_cv_accuracy:
+            strength = f" strength {self.projection_strength:g} (CV accuracy " + ", ".join(
+                f"{s:g}: {a:.4f}" for s, a in self.strength_cv_accuracy.items()) + ")"
         text = (
             f"tuned on {self.folds}-fold CV: k={self.k} T={self.temperature:g} "
-            f"projection={'learned' if self.projection else 'none'} "
+            f"projection={'learned' if self.projection else 'none'}{strength} "
             f"accuracy {self.cv_accuracy:.4f} (untuned {self.cv_accuracy_untuned:.4f})"
         )
         if self.abstain_auroc is not None:
@@ -149,12 +161,27 @@ def tune_labelled(
     spaces = {"auto": [False, True], "none": [False], "learned": [True]}[projection]
     searches: dict[bool, list[_FoldSearch]] = {}
     scores: dict[tuple[int, float, bool], float] = {}
+    choice = None
     for learned in spaces:
         searches[learned] = []
+        if learned:
+            # the strength the build's final fit will choose (same call, same folds), and the
+            # maps it fitted on these folds
+            from semroute.projection import ProjectionParams, choose_strength
+
+            choice = choose_strength(x, labels, ProjectionParams(epochs=projection_epochs,
+                                                                 seed=seed),
+                                     n_folds=n_folds, k_grid=K_GRID, temperatures=TEMPERATURE_GRID)
+            assert not choice.fits or np.array_equal(choice.fold, fold)
+        strength = choice.strength if choice is not None else 1.0
         for f in range(n_folds):
             base, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            xb, xh = _space(x, y, base, held, learned, projection_epochs, seed)
-            sims, idx = top_neighbours(xh, xb, kmax)
+            fitted = choice.fits[f] if learned and choice is not None and choice.fits else None
+            xb, xh = _space(x, y, base, held, learned, projection_epochs, seed, strength, fitted)
+            if fitted is not None and choice is not None and choice.neighbours:
+                sims, idx = choice.neighbours[f]  # the same search, done while choosing
+            else:
+                sims, idx = top_neighbours(xh, xb, kmax)
             searches[learned].append(_FoldSearch(held, sims, base[idx], _densities(xb, base, len(x))))
         for k in K_GRID:
             for t in TEMPERATURE_GRID:
@@ -169,26 +196,38 @@ def tune_labelled(
     k, t, learned = best
     model, auroc, per_feature = _fit_score(
         x, y, w_ex, searches[learned], k, t, learned, null_similarity, n_groups,
-        projection_epochs, seed,
+        projection_epochs, seed, position.get(OUT_OF_SCOPE),
+        strength=choice.strength if choice is not None else 1.0,
     )
     return LabelledTuning(
         k=k, temperature=t, projection=learned, cv_accuracy=scores[best],
         cv_accuracy_untuned=scores.get(UNTUNED, float("nan")), folds=n_folds,
         abstain=model, abstain_auroc=auroc, feature_auroc=per_feature,
         seconds=time.perf_counter() - started,
+        projection_strength=choice.strength if choice is not None else 1.0,
+        strength_cv_accuracy=dict(choice.cv_accuracy) if choice is not None else {},
     )
 
 
 def _space(
-    x: Matrix, y: IntArray, base: IntArray, held: IntArray, learned: bool, epochs: int, seed: int
+    x: Matrix, y: IntArray, base: IntArray, held: IntArray, learned: bool, epochs: int, seed: int,
+    strength: float = 1.0, fitted: Matrix | None = None,
 ) -> tuple[Matrix, Matrix]:
-    """Base and held-out vectors, projected with a projection fitted on the base when asked."""
+    """Base and held-out vectors, projected when asked with a projection fitted on the base
+    (``fitted`` when given) at ``strength``."""
     if not learned or len(set(y[base].tolist())) < 2:
         return x[base], x[held]
-    from semroute.projection import ProjectionParams, apply_projection, fit_projection
+    from semroute.projection import (
+        ProjectionParams,
+        apply_projection,
+        fit_projection,
+        shrink_toward_identity,
+    )
 
-    matrix = fit_projection(x[base], [str(v) for v in y[base]],
-                            ProjectionParams(epochs=epochs, seed=seed))
+    if fitted is None:
+        fitted = fit_projection(x[base], [str(v) for v in y[base]],
+                                ProjectionParams(epochs=epochs, seed=seed, strength=1.0))
+    matrix = shrink_toward_identity(fitted, strength)
     return apply_projection(x[base], matrix), apply_projection(x[held], matrix)
 
 
@@ -219,8 +258,10 @@ def _recalibrate(
 def _fit_score(
     x: Matrix, y: IntArray, w_ex: Matrix, searches: list[_FoldSearch], k: int, t: float,
     learned: bool, null_similarity: float | None, n_groups: int, epochs: int, seed: int,
+    out_of_scope_code: int | None = None, *, strength: float = 1.0,
 ) -> tuple[AbstainModel | None, float | None, dict[str, float]]:
     n_routes = int(y.max()) + 1
+    out_of_scope = -1 if out_of_scope_code is None else out_of_scope_code
     inside: list[dict[str, FloatArray]] = []
     right: list[npt.NDArray[np.bool_]] = []
     for fs in searches:
@@ -229,14 +270,15 @@ def _fit_score(
         shares = vote(fs.sims[:, :k], y[ids], w_ex[ids], n_routes, t, null_similarity)
         winner, table = features_batch(fs.sims[:, :k], shares, fs.densities[ids])
         inside.append(table)
-        right.append(winner == y[fs.held])
+        # a held-out out-of-scope example is never a right answer: it should be abstained on
+        right.append((winner == y[fs.held]) & (y[fs.held] != out_of_scope))
     group = route_groups(y, n_groups, seed)
     outside: list[dict[str, FloatArray]] = []
     for g in sorted(set(group.tolist())):
         base, held = np.flatnonzero(group != g), np.flatnonzero(group == g)
         if len(set(y[base].tolist())) < 2:
             continue
-        xb, xh = _space(x, y, base, held, learned, epochs, seed)
+        xb, xh = _space(x, y, base, held, learned, epochs, seed, strength)
         sims, idx = top_neighbours(xh, xb, k)
         dens = _densities(xb, base, len(x))
         ids = base[idx]

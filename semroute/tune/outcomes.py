@@ -10,10 +10,11 @@ target for each cost weight, so the index never lands below that hull on its own
 Rows with missing scores (learnt from feedback: only the target that answered is known) are
 never held out: a route can only be scored where every target's outcome is known. With enough
 fully scored rows, the settings above are tuned on those alone (the decision's estimate runs
-over them, ``decision.predict_quality``), then the feedback rows' pseudo-count
-(``feedback_shrinkage``, ``decision.feedback_step``) is chosen on the same folds with every
-feedback row as a neighbour; it is kept only when it beats ignoring them. With too few fully
-scored rows every row is held out, unknown scores counted at the target's mean.
+over them, ``decision.predict_quality``), then the feedback rows' correction
+(``feedback_shrinkage`` and ``feedback_temperature``, ``decision.feedback_step``) is chosen on
+folds of the feedback rows, each held-out one judged on the score it observed; it is kept only
+when it predicts those better than the fully scored rows alone. With too few fully scored rows
+every row is held out, unknown scores counted at the target's mean.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from semroute.decision import MAX_SEARCH_WIDTH, observed_first, search_width
+from semroute.decision import feedback_correction, observed_first, search_width
 from semroute.tune.folds import random_folds, top_neighbours
 from semroute.tune.frontier import aiq, cost_quality_sweep, single_targets
 
@@ -37,7 +38,7 @@ SHRINKAGE_GRID: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
 LOCAL_K_GRID: tuple[int, ...] = (10, 20, 40)
 LOCAL_SHRINKAGE_GRID: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0)
 FEEDBACK_SHRINKAGE_GRID: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
-FEEDBACK_TEMPERATURE_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+FEEDBACK_TEMPERATURE_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.3)
 UNTUNED = {"k": 10, "temperature": 0.05, "shrinkage": 1.0, "local_k": 0}
 
 
@@ -60,7 +61,11 @@ class OutcomeTuning:
     grid: tuple[tuple[int, float, float, int, float, float], ...] = field(default=(), repr=False)
     feedback_shrinkage: float | None = None  # None: rows learnt from feedback are ignored
     feedback_temperature: float = 0.05
-    cv_aiq_feedback: float | None = None  # of the best feedback_shrinkage, when there are any
+    cv_aiq_feedback: float | None = None  # not measured: see ``_with_feedback``
+    # held-out feedback rows' mean squared error on their observed targets, with the chosen
+    # correction and without any (None: no feedback rows)
+    feedback_error: float | None = None
+    feedback_error_without: float | None = None
 
     def summary(self) -> str:
         mode = (
@@ -69,12 +74,14 @@ class OutcomeTuning:
             if self.use_neighbours
             else "neighbours off (best single target per cost level)"
         )
-        if self.cv_aiq_feedback is not None:
+        if self.feedback_error is not None:
+            used = (
+                "off" if self.feedback_shrinkage is None
+                else f"shrinkage {self.feedback_shrinkage:g} T {self.feedback_temperature:g}"
+            )
             mode += (
-                f"; feedback rows {'off' if self.feedback_shrinkage is None else 'shrinkage'} "
-                f"{'' if self.feedback_shrinkage is None else f'{self.feedback_shrinkage:g} '}"
-                f"{'' if self.feedback_shrinkage is None else f'T {self.feedback_temperature:g} '}"
-                f"(best AIQ with them {self.cv_aiq_feedback:.4f})"
+                f"; feedback rows {used} (held-out feedback squared error "
+                f"{self.feedback_error:.4f} with them, {self.feedback_error_without:.4f} without)"
             )
         return (
             f"tuned on {self.folds}-fold CV: {mode}; AIQ {self.cv_aiq:.4f} (kNN "
@@ -208,46 +215,64 @@ def tune_outcomes(
     )
 
 
+def feedback_batch(
+    sims: Matrix, values: FloatArray, weights: Matrix, best_scored: Matrix, base: FloatArray,
+    shrinkage: float, temperature: float, shared_temperature: float,
+) -> FloatArray:
+    """``decision.feedback_step`` for many queries: ``sims`` (n, f) the nearest feedback rows'
+    similarities, ``values`` (n, f, targets) their scores (NaN unknown), ``weights`` (n, f)
+    their exemplar weights, ``best_scored`` (n,) the closest fully scored row's similarity and
+    ``base`` (n, targets) the fully scored rows' estimate; ``temperature`` weighs a target's own
+    residuals, ``shared_temperature`` (the fully scored rows' own) the shared one."""
+    top = np.maximum(best_scored, sims.max(axis=1)).astype(np.float64)  # best of any kind
+    gap = sims.astype(np.float64) - top[:, None]
+    w = np.exp(gap / temperature) * weights
+    v = np.exp(gap / shared_temperature) * weights
+    return np.asarray(feedback_correction(w, values, base, shrinkage, v), dtype=np.float64)
+
+
 def _with_feedback(
     x: Matrix, y: FloatArray, c: FloatArray, w_ex: Matrix, complete: npt.NDArray[np.bool_],
     scored: OutcomeTuning, seed: int, started: float,
 ) -> OutcomeTuning:
-    """``scored`` (tuned on the fully scored rows) plus the feedback rows' pseudo-count, chosen
-    on the same folds of the fully scored rows with every feedback row as a neighbour, as
-    ``decision.feedback_step`` weighs them."""
+    """``scored`` (tuned on the fully scored rows) plus the feedback rows' correction
+    (``decision.feedback_step``), its pseudo-count and temperature chosen on held-out feedback
+    rows, each judged only on the targets it observed.
+
+    The fully scored rows cannot judge it: the feedback was logged by a serving index fitted on
+    them, so near a held-out row the served targets are the ones that row scored well on, and
+    any use of the feedback looks good. A held-out feedback row's observed score is honest: the
+    fully scored rows' estimate there (none of them is that row) corrected by the other folds'
+    feedback rows predicts it, and the setting with the least squared error wins; it is kept
+    only when it beats the fully scored rows' estimate alone on the same cells."""
     xc, yc, wc = x[complete], y[complete], w_ex[complete]
     part = np.flatnonzero(~complete)
-    fold = random_folds(len(xc), scored.folds, seed)
-    t, k = scored.temperature, scored.k
-    broad = np.zeros_like(yc)
-    num = {tf: np.zeros_like(yc) for tf in FEEDBACK_TEMPERATURE_GRID}
-    den = {tf: np.zeros_like(yc) for tf in FEEDBACK_TEMPERATURE_GRID}
+    xp, yp, wp = x[part], y[part], w_ex[part]
+    k = scored.k
+    sims, idx = top_neighbours(xp, xc, k)
+    base = predict_batch(sims, yc[idx], wc[idx], np.nanmean(yc, axis=0), scored.temperature,
+                         scored.shrinkage, scored.local_k, scored.local_shrinkage, k)
+    known = np.isfinite(yp)
+    fold = random_folds(len(part), scored.folds, seed)
+    tried = {(m, tf): 0.0 for tf in FEEDBACK_TEMPERATURE_GRID for m in FEEDBACK_SHRINKAGE_GRID}
     for f in range(scored.folds):
-        base, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        sims, idx = top_neighbours(xc[held], xc[base], k)
-        prior = np.nanmean(yc[base], axis=0)
-        broad[held] = predict_batch(sims, yc[base][idx], wc[base][idx], prior, t,
-                                    scored.shrinkage, scored.local_k, scored.local_shrinkage)
-        fsims, fidx = top_neighbours(xc[held], x[part], min(len(part), MAX_SEARCH_WIDTH))
-        gap = (fsims - sims[:, :1]).astype(np.float64)  # against the best fully scored row
-        values = y[part][fidx]
-        known = np.isfinite(values)
-        first = observed_first(known, k, axis=1)
-        filled = np.where(known, values, 0.0)
+        held, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        if len(held) == 0 or len(rest) == 0:
+            continue
+        fsims, fidx = top_neighbours(xp[held], xp[rest], k)
+        values, truth, seen = yp[rest][fidx], yp[held], known[held]
         for tf in FEEDBACK_TEMPERATURE_GRID:
-            w = np.minimum(1.0, np.exp(gap / tf)) * w_ex[part][fidx]
-            used = w[:, :, None] * first
-            num[tf][held] = np.einsum("nkt,nkt->nt", used, filled)
-            den[tf][held] = used.sum(axis=1)
-    lo_hi = (float(c.min()), float(c.max()))
-    without = aiq(cost_quality_sweep(broad, yc, c), lo_hi)
-    tried = [(m, tf, aiq(cost_quality_sweep((num[tf] + m * broad) / (den[tf] + m), yc, c),
-                         lo_hi))
-             for tf in FEEDBACK_TEMPERATURE_GRID for m in FEEDBACK_SHRINKAGE_GRID]
-    m, tf, best = max(tried, key=lambda g: g[2])
-    keep = best > without + 1e-9  # strictly: feedback rows must earn their place
+            for m in FEEDBACK_SHRINKAGE_GRID:
+                pred = feedback_batch(fsims, values, wp[rest][fidx], sims[held, 0], base[held],
+                                      m, tf, scored.temperature)
+                tried[(m, tf)] += float(np.square(pred - truth)[seen].sum())
+    cells = max(int(known.sum()), 1)
+    without = float(np.square(base - yp)[known].sum()) / cells
+    (m, tf), error = min(tried.items(), key=lambda kv: kv[1])
+    error /= cells
+    keep = error < without - 1e-12  # strictly: feedback rows must earn their place
     return replace(
         scored, feedback_shrinkage=m if keep else None, feedback_temperature=tf,
-        cv_aiq_feedback=best, cv_aiq=best if keep else scored.cv_aiq,
+        feedback_error=error, feedback_error_without=without,
         seconds=time.perf_counter() - started,
     )

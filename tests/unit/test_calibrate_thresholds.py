@@ -114,3 +114,25 @@ def test_per_route_in_scope_coverage_skips_routes_without_in_scope_rows() -> Non
                             in_scope=inside, per_route=True, min_rows=5)
     assert "a" in cal.per_route and "b" not in cal.per_route
     assert cal.skipped["b"] == "no in-scope validation rows"
+
+
+def test_rows_taken_by_out_of_scope_exemplars_are_never_answered() -> None:
+    """calibrate gives rows whose vote out-of-scope exemplars won a confidence of -inf: the
+    coverage goal counts them as abstained, and a goal only they could meet gives 0 with a
+    note instead of an infinite threshold."""
+    from semroute.quality.calibrate import _finite_thresholds
+
+    conf = np.array([0.9, 0.8, 0.7, -np.inf])
+    cal = choose_thresholds(["a", "a", "a", "oos"], conf, [True] * 4, in_scope_coverage=0.75)
+    assert cal.global_threshold == pytest.approx(0.7)
+    cal = choose_thresholds(["a", "a", "a", "oos"], conf, [True] * 4, in_scope_coverage=1.0)
+    _finite_thresholds(cal)
+    assert cal.global_threshold == 0.0 and "out-of-scope exemplars" in cal.skipped["*"]
+
+
+def test_per_route_thresholds_skip_the_out_of_scope_examples() -> None:
+    """Rows out-of-scope exemplars took are no route: no per-route threshold for them."""
+    pred = ["a"] * 12 + ["oos"] * 12
+    conf = np.r_[np.linspace(0.5, 0.99, 12), np.full(12, -np.inf)]
+    cal = choose_thresholds(pred, conf, [True] * 24, in_scope_coverage=0.5, per_route=True)
+    assert set(cal.per_route) == {"a"} and "oos" not in cal.skipped

@@ -209,3 +209,36 @@ def test_outcome_decision_reports_quality_per_target() -> None:
     assert d.target == "a" and d.route == "a"
     assert set(d.scores) == {"a", "b"} and d.scores["a"] > d.scores["b"]
     assert d.confidence == pytest.approx(d.scores["a"])
+
+
+def test_out_of_scope_exemplars_winning_the_vote_fall_back_whatever_the_threshold() -> None:
+    """`oos` exemplars are not a route: when they win, the default route answers, flagged,
+    saying why, even with no threshold; the confidence is scaled by their share."""
+    sims = np.array([0.9, 0.88, 0.6], F)
+    labels = np.array(["oos", "oos", "code"])
+    d = decide_labelled(sims, np.arange(3), labels, np.ones(3, F), table(None), Policy(), NO_NULL)
+    share = d.scores["oos"]
+    assert d.fallback and d.route == "general" and d.target == "local-small"
+    assert "out-of-scope examples" in d.reason and "'general'" in d.reason
+    assert d.confidence == pytest.approx(share * (1 - share))
+
+
+def test_out_of_scope_share_lowers_an_in_scope_decisions_confidence() -> None:
+    """An in-scope winner keeps its route; its confidence is its share times one minus the
+    out-of-scope share, so a threshold can still send it to the default route."""
+    sims = np.array([0.9, 0.88, 0.85], F)
+    labels = np.array(["code", "code", "oos"])
+    d = decide_labelled(sims, np.arange(3), labels, np.ones(3, F), table(None), Policy(), NO_NULL)
+    assert d.route == "code" and not d.fallback
+    assert d.confidence == pytest.approx(d.scores["code"] * (1 - d.scores["oos"]))
+    low = decide_labelled(sims, np.arange(3), labels, np.ones(3, F), table(0.7), Policy(),
+                          NO_NULL)
+    assert d.scores["code"] > 0.7 > low.confidence
+    assert low.fallback and low.route == "general"
+
+
+def test_out_of_scope_exemplars_without_a_default_route_raise() -> None:
+    sims = np.array([0.9], F)
+    with pytest.raises(NoTargetAvailable, match="no default route"):
+        decide_labelled(sims, np.arange(1), np.array(["oos"]), np.ones(1, F),
+                        table(None, default=None), Policy(), NO_NULL)

@@ -4,6 +4,7 @@ it stores the matrix, projects queries the same way, and refuses a mismatched ma
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ import pytest
 from semroute.config import IndexSettings
 from semroute.errors import CorruptIndex
 from semroute.index import PROJECTION_FILE, ExemplarIndex, build_index
-from semroute.projection import ProjectionParams, apply_projection, fit_projection
+from semroute.projection import (
+    STRENGTH_GRID,
+    ProjectionParams,
+    apply_projection,
+    choose_strength,
+    fit_projection,
+    shrink_toward_identity,
+)
 from tests.conftest import HashEncoder, write
 
 
@@ -51,6 +59,31 @@ def test_apply_projection_returns_unit_rows() -> None:
     out = apply_projection(v, np.array([[2.0, 0.0], [0.0, 0.5]], dtype=np.float32))
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0)
     assert np.allclose(out[1], np.array([1.2, 0.4]) / np.hypot(1.2, 0.4))
+
+
+def test_shrink_toward_identity_interpolates_between_raw_and_fitted() -> None:
+    """Strength 1 keeps the fitted map, 0 gives the identity (raw space), 0.5 the midpoint."""
+    w = np.array([[2.0, 1.0], [0.0, 0.5]], dtype=np.float32)
+    assert shrink_toward_identity(w, 1.0) is w
+    assert np.allclose(shrink_toward_identity(w, 0.0), np.eye(2))
+    assert np.allclose(shrink_toward_identity(w, 0.5), [[1.5, 0.5], [0.0, 0.75]])
+
+
+def test_strength_is_chosen_by_cv_on_the_exemplars() -> None:
+    """``choose_strength`` scores every strength of the grid on held-out folds and picks the
+    best; ``fit_projection`` with no strength returns the full fit shrunk by that choice, the
+    same on every call. Too few rows to fold: strength 1 and no figures."""
+    x, y = _two_overlapping_routes(0)
+    params = ProjectionParams(epochs=5, learning_rate=0.02)
+    choice = choose_strength(x, y, params)
+    assert set(choice.cv_accuracy) == set(STRENGTH_GRID) and len(choice.fits) == 5
+    assert choice.strength == max(STRENGTH_GRID, key=lambda s: choice.cv_accuracy[s])
+    full = fit_projection(x, y, replace(params, strength=1.0))
+    auto = fit_projection(x, y, params)
+    assert np.array_equal(auto, shrink_toward_identity(full, choice.strength))
+    assert np.array_equal(auto, fit_projection(x, y, params))
+    few = choose_strength(x[:6], y[:3] + y[-3:], params)
+    assert few.strength == 1.0 and few.cv_accuracy == {} and few.fits == ()
 
 
 def test_fit_projection_needs_two_routes() -> None:

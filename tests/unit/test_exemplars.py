@@ -188,3 +188,22 @@ def test_targets_csv_prices(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"b\.csv:2: prices must be numbers"):
         read_targets_csv(bad)
+
+
+def test_oos_label_is_out_of_scope_examples_not_a_route(tmp_path: Path) -> None:
+    """Label `oos` makes no route or target; it needs a default route (the no-routes-file
+    default, or `default:` in routes.yaml); a route named `oos` is refused as reserved."""
+    table = load_route_table(None, ["code", "oos"], default_route="default")
+    assert "oos" not in table.routes and "oos" not in table.targets
+    assert table.default_route == "default"
+    with pytest.raises(ConfigError, match=r"need a default route.*--default-route"):
+        load_route_table(None, ["code", "oos"], default_route=None)
+    no_default = write(tmp_path / "r1.yaml", "targets: {a: {}}\nroutes:\n  code: {targets: [a]}\n")
+    with pytest.raises(ConfigError, match=r"r1\.yaml: exemplars labelled 'oos'"):
+        load_route_table(no_default, ["code", "oos"])
+    with_default = write(tmp_path / "r2.yaml", "default: code\ntargets: {a: {}}\n"
+                         "routes:\n  code: {targets: [a]}\n")
+    assert "oos" not in load_route_table(with_default, ["code", "oos"]).routes
+    reserved = write(tmp_path / "r3.yaml", "targets: {a: {}}\nroutes:\n  oos: {targets: [a]}\n")
+    with pytest.raises(ConfigError, match="'oos' is reserved"):
+        load_route_table(reserved, ["oos"])

@@ -123,3 +123,39 @@ def test_an_explicit_projection_setting_is_the_only_space_tried() -> None:
     plain = tune_labelled(x, names, np.ones(60), null_similarity=0.35, projection="none")
     assert learned is not None and learned.projection
     assert plain is not None and not plain.projection
+
+
+def test_tuner_records_the_projection_strength_the_final_fit_uses() -> None:
+    """The learned space is tried at the strength ``choose_strength`` picks, and the build's
+    final ``fit_projection`` (strength left to CV) picks the same one on the same exemplars, so
+    the manifest's figure describes the map the index serves."""
+    from semroute.projection import (
+        STRENGTH_GRID,
+        ProjectionParams,
+        choose_strength,
+        fit_projection,
+        shrink_toward_identity,
+    )
+    from semroute.tune.labelled import K_GRID, TEMPERATURE_GRID
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(4), 15)
+    x = rng.normal(size=(4, 12))[labels] + rng.normal(scale=0.8, size=(60, 12))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    names = [f"r{v}" for v in labels]
+    t = tune_labelled(x, names, np.ones(60), null_similarity=0.35, projection="learned",
+                      projection_epochs=2)
+    assert t is not None and t.projection
+    assert set(t.strength_cv_accuracy) == set(STRENGTH_GRID)
+    assert t.projection_strength == max(STRENGTH_GRID, key=lambda s: t.strength_cv_accuracy[s])
+    assert f"strength {t.projection_strength:g}" in t.summary()
+    params = ProjectionParams(epochs=2)
+    assert choose_strength(x, names, params).strength == t.projection_strength
+    served = fit_projection(x, names, params)
+    full = fit_projection(x, names, ProjectionParams(epochs=2, strength=1.0))
+    assert np.array_equal(served, shrink_toward_identity(full, t.projection_strength))
+    # the strength's CV searches the tuner's own (k, temperature) grid
+    defaults = choose_strength.__kwdefaults__
+    assert defaults is not None
+    assert tuple(defaults["k_grid"]) == K_GRID
+    assert tuple(defaults["temperatures"]) == TEMPERATURE_GRID
