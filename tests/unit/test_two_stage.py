@@ -259,3 +259,29 @@ def test_full_encoder_fallback_still_applies_with_two_stage_on(tmp_path: Path) -
     assert static and not any(d.fallback or d.route == "general" for d in static)
     assert any(d.fallback for d in on)
     assert {i for i, d in enumerate(on) if d.fallback} <= {i for i, d in enumerate(off) if d.fallback}
+
+
+def test_the_one_query_vote_matches_the_vectorised_one() -> None:
+    """``static_vote_one`` (the single-query path) gives the vectorised vote's winner and
+    share on random rows, with missing neighbours and exact ties (first label seen wins)."""
+    from semroute.two_stage import static_vote_one, static_votes
+
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 5, size=200)
+    weights = rng.uniform(0.5, 2.0, size=200).astype(np.float32)
+    sims = np.sort(rng.uniform(0.2, 0.9, size=(300, 10)).astype(np.float32), axis=1)[:, ::-1]
+    ids = rng.integers(0, 200, size=(300, 10))
+    ids[::7, -3:] = -1
+    sims[::11, 1] = sims[::11, 0]  # ties in similarity
+    for null in (None, 0.35):
+        winner, share = static_votes(sims, ids, codes, weights, 0.05, null)
+        for j in range(len(sims)):
+            w1, s1 = static_vote_one(sims[j], ids[j], codes, weights, 0.05, null)
+            assert w1 == int(winner[j])
+            assert s1 == pytest.approx(float(share[j]), rel=1e-5)
+    tie_codes = np.array([1, 0])
+    w, s = static_vote_one(np.array([0.8, 0.8], np.float32), np.array([0, 1]), tie_codes,
+                           np.ones(2, np.float32), 0.05, None)
+    assert (w, s) == (1, pytest.approx(0.5))
+    assert static_votes(np.array([[0.8, 0.8]], np.float32), np.array([[0, 1]]), tie_codes,
+                        np.ones(2, np.float32), 0.05, None)[0][0] == 1
