@@ -119,40 +119,23 @@ async def serve_router(
             metrics_server.close()
 
 
-# numpy's OpenBLAS under its usual names (the scipy-openblas wheels suffix them).
-_BLAS_SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads")
-
-
 def limit_blas_threads(threads: int = 1) -> bool:
-    """Run numpy's OpenBLAS on ``threads`` threads in this process; False if it was not found
-    (not OpenBLAS, or not Linux). The router's only BLAS work is small products (the index's
+    """Run numpy's BLAS on ``threads`` threads in this process; False if numpy has none that
+    threadpoolctl can set. The router's only BLAS work is small products (the index's
     projection of a batch of queries), which a second BLAS thread barely speeds up, while that
     thread spin-waits for more work long after each one: on 2 cores it took about a third of
     the server's CPU under load and a core from the encoder (scripts/profile_route.py
-    --threads). The server's parallelism is its worker threads and the encoder's."""
-    import ctypes
+    --threads). The server's parallelism is its worker threads and the encoder's. faiss's own
+    BLAS (an OpenMP build) is left as it is."""
+    import numpy  # noqa: F401 - threadpoolctl sees only libraries already loaded
+    from threadpoolctl import ThreadpoolController
 
-    import numpy  # noqa: F401 - loads the library looked up below
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    # numpy.libs/ (wheels) holds numpy's own copy; faiss's OpenMP build stays as it is.
-    paths = {path for path in (line.split()[-1] for line in maps.splitlines())
-             if "/numpy" in path and "openblas" in path.rsplit("/", 1)[-1]}
-    done = False
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        setter = next((getattr(lib, n) for n in _BLAS_SET_THREADS if hasattr(lib, n)), None)
-        if setter is not None:
-            setter(ctypes.c_int(threads))
-            done = True
-    return done
+    found = False
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and "numpy" in lib.filepath:
+            lib.set_num_threads(threads)
+            found = True
+    return found
 
 
 def _metrics_endpoint(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:

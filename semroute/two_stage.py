@@ -165,8 +165,8 @@ def static_vote_one(
         total += w
     if null_similarity is not None:
         total += math.exp((null_similarity - top) / temperature)
-    if not order:
-        return int(label_codes[0]) if len(label_codes) else 0, 0.0
+    if not order:  # no neighbour: no vote (the vectorised path's share is 0 too)
+        return int(label_codes[0]), 0.0
     best = order[0]
     for label in order[1:]:
         if mass[label] > mass[best]:

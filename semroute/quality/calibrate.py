@@ -274,7 +274,6 @@ def add_out_of_scope_exemplars(
     (label ``oos``), built like the original (same route table, FAISS kind and tuning), with
     ``current`` switched to it; the router on it and how many rows were added. None (with a
     warning) when the index cannot take them: an outcome index, or no default route."""
-    from semroute.config import IndexSettings
     from semroute.index import ExemplarIndex, build_from_exemplars
     from semroute.types import OUT_OF_SCOPE, Exemplar, ExemplarKind
 
@@ -301,7 +300,6 @@ def add_out_of_scope_exemplars(
         "projection": "auto" if manifest.tuning else (
             "learned" if manifest.projection is not None else "none"),
     })
-    assert isinstance(settings, IndexSettings)
     version_dir = build_from_exemplars(
         ExemplarSet(ExemplarKind.LABELLED, rows), manifest.route_table, index.path.parent.parent,
         router.encoder, settings=settings, decision=router.settings.decision, progress=False,

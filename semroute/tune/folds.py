@@ -79,17 +79,14 @@ def top_neighbours(
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run the block with BLAS on one thread when threadpoolctl is installed.
+    """Run the block with BLAS on one thread.
 
     The tuner's matrix products are small (512 x 384 x 384 in the projection's steps): on a
     busy 2-core box a second BLAS thread that spin-waits for its share made a projection fit
     15x slower (21 s against 1.4 s for 8,000 Banking77 exemplars), and on an idle one it gains
-    little. Without threadpoolctl nothing changes.
+    little.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield

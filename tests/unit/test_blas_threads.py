@@ -6,10 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 from semroute.serve import limit_blas_threads
-
-threadpoolctl = pytest.importorskip("threadpoolctl")
 
 
 def _numpy_openblas_threads() -> list[int]:
