@@ -13,11 +13,13 @@ Setup, so the figures can be reproduced and compared:
 - server: `semroute serve router` in its own process with default settings except the
   embedding cache, which is turned off so that every call pays for a real encoder run;
   logs at INFO (one access line and one decision line per call) go to out/bench_grpc/router.log;
-- clients: grpc.aio in this process, `--channels` connections shared by the load clients.
-  Latency is measured at the client, end to end; in-process `route()` is measured in the same
-  run, alternating with the 1-client gRPC calls, with numpy's BLAS on one thread as in the
-  server (`semroute.serve.limit_blas_threads`). The client shares the machine's cores with
-  the server.
+- clients, in this process: at one client, the blocking `SyncRouterClient` (grpc's synchronous
+  stub, no event loop) and the async `RouterClient` (grpc.aio), each measured;
+  the load clients are grpc.aio, `--channels` connections shared among them. Latency is
+  measured at the client, end to end; in-process `route()`, both 1-client kinds and the empty
+  call (GetIndexInfo: no encoder, no search) are measured in the same run, in alternating
+  blocks (each taking its turn to go first), with numpy's BLAS on one thread as in the server
+  (`semroute.serve.limit_blas_threads`). The client shares the machine's cores with the server.
 
 Data: Banking77 (PolyAI-LDN/task-specific-datasets), CC BY 4.0.
 """
@@ -38,8 +40,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import benchlib
+
+if TYPE_CHECKING:
+    from semroute.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "banking77"
@@ -155,17 +161,39 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@dataclass
+class Paired:
+    """Latencies (s) measured in the same alternating blocks: in-process ``route()``; per
+    server, Route with the blocking client (``SyncRouterClient``: grpc's synchronous stub) and
+    with the async one (``RouterClient``: grpc.aio); and the empty call (GetIndexInfo) with
+    each client, against the first server."""
+
+    local: list[float]
+    sync: list[list[float]]
+    aio: list[list[float]]
+    empty_sync: list[float]
+    empty_aio: list[float]
+
+
+def local_block(router: Router, texts: list[str], out: list[float]) -> None:
+    for text in texts:
+        start = time.perf_counter()
+        router.route(text)
+        out.append(time.perf_counter() - start)
+
+
 async def paired_latencies(
     addrs: list[str], index: Path, encoder_dir: Path, texts: list[str], block: int = 25,
     threads: int = 2,
-) -> tuple[list[float], list[list[float]]]:
-    """``Router.route()`` in this process (no gRPC) and a 1-client Route call to each server in
-    ``addrs``, on the same queries, in alternating blocks of ``block`` calls, so all see the
-    same load from whatever else shares the machine. In process: the same index, encoder and
-    settings as the server (embedding cache off); the servers are idle meanwhile, and the
-    client's loop is blocked."""
+) -> Paired:
+    """``Router.route()`` in this process (no gRPC), 1-client Route calls to each server in
+    ``addrs`` with each client kind, and empty calls, on the same queries, in alternating
+    blocks of ``block`` calls (each taking its turn to go first), so all see the same load from
+    whatever else shares the machine.
+    In process: the same index, encoder and settings as the server (embedding cache off); the
+    servers are idle meanwhile, and the client's loop is blocked."""
     from semroute.config import EncoderSettings, Settings
-    from semroute.grpc.router_client import RouterClient
+    from semroute.grpc.router_client import RouterClient, SyncRouterClient
     from semroute.router import Router
     from semroute.serve import limit_blas_threads
 
@@ -174,27 +202,48 @@ async def paired_latencies(
     router = Router.load(index, settings, encoder_path=encoder_dir)
     for text in texts[-200:]:  # warm-up (not measured)
         router.route(text)
-    local: list[float] = []
-    remote: list[list[float]] = [[] for _ in addrs]
+    out = Paired([], [[] for _ in addrs], [[] for _ in addrs], [], [])
     clients = [RouterClient(addr, timeout=30) for addr in addrs]
+    blocking = [SyncRouterClient(addr, timeout=30) for addr in addrs]
     try:
-        for client in clients:
+        for client, sync_client in zip(clients, blocking, strict=True):
             for text in texts[-200:]:
                 await client.route(text)
+                sync_client.route(text)
         for first in range(0, len(texts), block):
             part = texts[first:first + block]
-            for text in part:
-                start = time.perf_counter()
-                router.route(text)
-                local.append(time.perf_counter() - start)
-            for client, out in zip(clients, remote, strict=True):
-                for text in part:
+            # In process, servers and client kinds take turns going first: whatever runs right
+            # after a busy block starts on a machine still busy with it.
+            sync_first = (first // block) % 2 == 0
+            if sync_first:
+                local_block(router, part, out.local)
+            turn = list(enumerate(zip(clients, blocking, strict=True)))
+            for i, (client, sync_client) in turn if sync_first else turn[::-1]:
+                for kind in ("sync", "aio") if sync_first else ("aio", "sync"):
+                    for text in part:
+                        start = time.perf_counter()
+                        if kind == "sync":
+                            sync_client.route(text)
+                        else:
+                            await client.route(text)
+                        (out.sync if kind == "sync" else out.aio)[i].append(
+                            time.perf_counter() - start)
+            for kind in ("sync", "aio") if sync_first else ("aio", "sync"):
+                for _ in part:
                     start = time.perf_counter()
-                    await client.route(text)
-                    out.append(time.perf_counter() - start)
+                    if kind == "sync":
+                        blocking[0].index_info()
+                    else:
+                        await clients[0].index_info()
+                    (out.empty_sync if kind == "sync" else out.empty_aio).append(
+                        time.perf_counter() - start)
+            if not sync_first:
+                local_block(router, part, out.local)
     finally:
+        for sync_client in blocking:
+            sync_client.close()
         await asyncio.gather(*(c.close() for c in clients))
-    return local, remote
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -202,28 +251,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def single_client(addr: str, texts: list[str]) -> list[float]:
-    from semroute.grpc.router_client import RouterClient
+def single_client(addr: str, texts: list[str]) -> list[float]:
+    """Route calls one after another with the blocking client (as the 1-client rows)."""
+    from semroute.grpc.router_client import SyncRouterClient
 
     latencies = []
-    async with RouterClient(addr, timeout=30) as client:
+    with SyncRouterClient(addr, timeout=30) as client:
         for text in texts:
             start = time.perf_counter()
-            await client.route(text)
-            latencies.append(time.perf_counter() - start)
-    return latencies
-
-
-async def empty_calls(addr: str, n: int) -> list[float]:
-    """Latency of GetIndexInfo (no encoder, no search): the floor of any call to this server
-    from this client, on this machine."""
-    from semroute.grpc.router_client import RouterClient
-
-    latencies = []
-    async with RouterClient(addr, timeout=30) as client:
-        for _ in range(n):
-            start = time.perf_counter()
-            await client.index_info()
+            client.route(text)
             latencies.append(time.perf_counter() - start)
     return latencies
 
@@ -319,21 +355,19 @@ def run_variant(
         if other is not None:
             asyncio.run(wait_serving(other_addr[0], other, OUT / "router-compare.log"))
         server_pids = [proc.pid, *children(proc.pid)]
-        local, (single, *compared) = asyncio.run(
+        paired = asyncio.run(
             paired_latencies([addr, *other_addr], index, encoder_dir, queries[: args.single],
                              # as many encoder threads as each server process has
                              threads=2 if variant.processes == 1
                              else max(1, (os.cpu_count() or 1) // variant.processes))
         )
+        local, (single, *compared), single_aio = paired.local, paired.sync, paired.aio[0]
         if other is not None:
             other.send_signal(signal.SIGTERM)
             other.wait(30)
         cpu0 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
-        asyncio.run(single_client(addr, queries[: args.single // 2]))
+        single_client(addr, queries[: args.single // 2])
         cpu1 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
-        floor = asyncio.run(empty_calls(addr, 500))
-        # the empty calls count for neither
-        cpu_load0 = (sum(cpu_seconds(p) for p in server_pids), cpu_seconds())
         before = scrape(metrics_port)
         done, elapsed, loaded, errors = asyncio.run(
             concurrent_clients(addr, queries, args.clients, args.seconds, args.channels)
@@ -363,29 +397,47 @@ def run_variant(
     n1, nn = args.single // 2, max(done, 1)
     local_p50, grpc_p50 = statistics.median(local), statistics.median(single)
     workers = memory[1:] or memory
+    aio_p50 = statistics.median(single_aio)
+    empty = {"blocking": statistics.median(paired.empty_sync),
+             "async": statistics.median(paired.empty_aio)}
+    p50 = {"blocking": grpc_p50, "async": aio_p50}
+
+    def both(value: dict[str, float], sign: str = "") -> str:
+        """``blocking / async`` in ms."""
+        return " / ".join(f"{v * ms:{sign}.2f}" for v in value.values()) + " ms"
+
+    def compared_row() -> str:
+        if not compared:
+            return "-"
+        other = {"blocking": statistics.median(compared[0]),
+                 "async": statistics.median(paired.aio[1])}
+        return (both({k: v - local_p50 for k, v in other.items()}, "+")
+                + f" (p50 {both(other)})")
+
     rows = [
         ("in-process route() p50 (same run, no gRPC)", f"{local_p50 * ms:.2f} ms", ""),
-        ("p50 latency, 1 client", f"{grpc_p50 * ms:.2f} ms", "<= 2 ms"),
-        ("1-client gRPC p50 minus in-process p50", f"{(grpc_p50 - local_p50) * ms:+.2f} ms",
-         "<= +0.6 ms"),
-        *([(f"same, 1-process server from {args.compare_tree} (--compare-tree)",
-            f"{(statistics.median(compared[0]) - local_p50) * ms:+.2f} ms "
-            f"(p50 {statistics.median(compared[0]) * ms:.2f} ms)" if compared else "-", "")]
+        ("p50 latency of an empty call (GetIndexInfo), 1 client: blocking / async",
+         both(empty), ""),
+        ("p50 latency, 1 client: blocking / async", both(p50), "<= 2 ms"),
+        ("1-client gRPC p50 minus in-process p50: blocking / async",
+         both({k: v - local_p50 for k, v in p50.items()}, "+"), "<= +0.6 ms"),
+        ("the same minus the empty call (what Route adds to it): blocking / async",
+         both({k: v - local_p50 - empty[k] for k, v in p50.items()}, "+"), ""),
+        *([(f"gRPC minus in-process, 1-process server from {args.compare_tree} "
+            "(--compare-tree): blocking / async", compared_row(), "")]
           if args.compare_tree is not None else []),
-        ("p90 latency, 1 client", f"{pct(single, 0.90) * ms:.2f} ms", ""),
-        ("p99 latency, 1 client", f"{pct(single, 0.99) * ms:.2f} ms", "<= 6 ms"),
-        ("p50 latency of an empty call (GetIndexInfo), 1 client",
-         f"{pct(floor, 0.50) * ms:.2f} ms", ""),
+        ("p90 latency, 1 blocking client", f"{pct(single, 0.90) * ms:.2f} ms", ""),
+        ("p99 latency, 1 blocking client", f"{pct(single, 0.99) * ms:.2f} ms", "<= 6 ms"),
         (f"throughput, {args.clients} clients over {min(args.channels, args.clients)} channels",
          f"{done / elapsed:,.0f} routes/s", ">= 1,000 routes/s"),
         (f"p50 / p99 latency, {args.clients} clients",
          f"{pct(loaded, 0.5) * ms:.1f} / {pct(loaded, 0.99) * ms:.1f} ms", ""),
         ("mean encoder batch under load", f"{mean_batch:.1f} queries in {encode_ms:.1f} ms", ""),
         ("failed calls under load", str(errors), "0"),
-        ("CPU per call, 1 client: server + client",
+        ("CPU per call, 1 blocking client: server + client",
          f"{(cpu1[0] - cpu0[0]) / n1 * ms:.2f} + {(cpu1[1] - cpu0[1]) / n1 * ms:.2f} ms", ""),
         (f"CPU per call, {args.clients} clients: server + client",
-         f"{(cpu2[0] - cpu_load0[0]) / nn * ms:.2f} + {(cpu2[1] - cpu_load0[1]) / nn * ms:.2f} ms",
+         f"{(cpu2[0] - cpu1[0]) / nn * ms:.2f} + {(cpu2[1] - cpu1[1]) / nn * ms:.2f} ms",
          ""),
         ("server processes (serving)", str(len(workers)), ""),
         ("RSS per serving process (PSS)",
@@ -502,18 +554,24 @@ Queries: Banking77 test, short customer questions, distinct. Server:
 `semroute serve router` in its own process(es), default settings (batch_max 32, batch_wait_ms 1,
 2 worker threads, encoder 2 threads; with `--processes N`, N processes on one port, each with
 cores/N encoder threads, the index memory-mapped) except the embedding cache, turned off so
-every call runs the encoder; INFO logs to a file. Clients: grpc.aio in one process. In-process
-`route()` and 1-client gRPC are measured in the same run on the same {args.single} queries, in
-alternating blocks of 25 (the server idle while this process routes; in process with as many
-encoder threads as one server process and numpy's BLAS on one thread, as `serve router` sets
-it), so both see the same load from the rest of the machine;
-their difference is what the service adds to a decision. Then
+every call runs the encoder; INFO logs to a file. Clients, in one process: at one client the
+blocking `SyncRouterClient` (grpc's synchronous stub, no event loop) and the async
+`RouterClient` (grpc.aio), each measured: rows marked "blocking / async" give both; the load
+clients are grpc.aio. In-process `route()`, 1-client Route with each client kind and the empty
+call are measured in the same run on the same {args.single} queries, in alternating blocks
+of 25 (the server idle while this process routes; in process with as many encoder threads as
+one server process and numpy's BLAS on one thread, as `serve router` sets it; in process, each
+server and each client kind take turns going first), so all see the same load from the rest
+of the machine; the difference between gRPC and in process is what the service adds to a
+decision, and the empty call (interceptor, a 4 KB reply; no encoder, no search) is close to the
+least any call to this server costs. Then
 {args.seconds:.0f} s of {args.clients} clients sharing {min(args.channels, args.clients)}
 channels, each channel its own connection (a multi-process router spreads connections, not
 calls, over its processes). CPU per call is process CPU time (user + system, all server
 processes) divided by calls. RSS counts shared pages (the mapped index, libraries) in every
 process; PSS shares them out, so PSS adds up. The empty call (GetIndexInfo: no encoder, no
-search) shows what gRPC in Python costs per call on this machine, client and server together.
+search) shows what gRPC in Python costs per call on this machine, client and server together;
+`scripts/profile_route.py --floor` splits it by client and server kind.
 {overrides}
 {md}
 

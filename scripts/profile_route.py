@@ -4,6 +4,8 @@
     .venv/bin/python scripts/profile_route.py --calls 3000 --sort cumulative
     .venv/bin/python scripts/profile_route.py --threads   # CPU per call of every thread
     .venv/bin/python scripts/profile_route.py --ab DIR --clients 64   # routes/s vs another tree
+    .venv/bin/python scripts/profile_route.py --floor     # empty call: client x server kind
+    .venv/bin/python scripts/profile_route.py --path      # our Python per Route call, no gRPC
 
 A router server (the same code as ``semroute serve router``: interceptor, servicer, coalescer,
 worker threads) and one grpc.aio client run in this process on the Banking77 index of
@@ -13,6 +15,19 @@ encoder and FAISS run on worker threads, so they show as the wait in ``run_in_ex
 the service hops to a thread. Log lines go to /dev/null (INFO, JSON: rendering is measured).
 For a view of every thread of a separate server process use py-spy instead:
 ``.venv/bin/py-spy record -p PID`` while ``scripts/bench_grpc.py`` runs.
+
+``--floor`` splits the empty call (no encoder, no search) by who makes it and who serves it:
+a bare grpc.aio server and a bare synchronous ``grpc.server`` (thread pool) answering an empty
+message, and a ``semroute serve router`` answering GetIndexInfo (interceptor, servicer,
+conversions), each called by grpc.aio and by grpc's synchronous stub, plus the synchronous
+stub with latency channel arguments (``grpc.optimization_target=latency``, retries off), in
+alternating blocks; each server is its own process.
+
+``--path`` times our own Python per Route call with gRPC taken out: the interceptor's scope
+and the servicer (conversions, checks, arm, coalescer, annotations) around a decision that is
+already made, called directly on the event loop with a stand-in context; then the work
+scheduled after the reply (metrics, the ``rpc`` log line rendered to /dev/null, arm counts).
+CPU time, not a round trip, so it holds on a busy machine.
 
 ``--threads`` needs no profiler: it reads each thread's CPU time from /proc before and after
 ``--calls`` in-process ``route()`` calls, then the same queries as 1-client and ``--clients``
@@ -34,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import bench_grpc
 import benchlib
@@ -83,7 +99,19 @@ def main() -> int:
                         "package under DIR, in alternating rounds")
     parser.add_argument("--rounds", type=int, default=6, help="--ab: rounds per server")
     parser.add_argument("--round-s", type=float, default=5.0, help="--ab: seconds per round")
+    parser.add_argument("--floor", action="store_true",
+                        help="empty-call p50 for each client and server kind")
+    parser.add_argument("--echo-server", nargs=2, metavar=("KIND", "PORT"),
+                        help=argparse.SUPPRESS)  # --floor's bare servers (aio or sync)
+    parser.add_argument("--path", action="store_true",
+                        help="our Python per Route call, gRPC taken out (see the docstring)")
     args = parser.parse_args()
+    if args.path:
+        return path_main(args)
+    if args.echo_server:
+        return echo_server(args.echo_server[0], int(args.echo_server[1]))
+    if args.floor:
+        return floor_main(args)
     if args.threads:
         return threads_main(args)
     if args.ab is not None:
@@ -276,6 +304,234 @@ def ab_main(args: argparse.Namespace) -> int:
         n = max(calls[name], 1)
         print(f"{name} | {calls[name] / seconds[name]:.0f} | {cpu[name] / n * 1000:.2f}")
     return 0
+
+# ---- our Python per call, gRPC taken out (--path) ------------------------------------------------
+
+
+class _StandInContext:
+    """What the interceptor and the servicer ask of a grpc.aio context on a successful call."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def code(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+async def time_path(index: Path, calls: int, texts: list[str]) -> tuple[list[float], list[float]]:
+    """(before the reply, after it) seconds per call of our server path, decision canned."""
+    import grpc
+
+    from semroute._proto.semroute.v1 import router_pb2 as pb
+    from semroute.auth import TokenSet
+    from semroute.config import EncoderSettings, RouterServerSettings, Settings
+    from semroute.grpc.interceptors import CallInterceptor, wrap_handler
+    from semroute.grpc.router_service import RouterServicer, create_router_server
+    from semroute.router import Router, Timings
+    from semroute.types import Decision, Query
+
+    settings = Settings(encoder=EncoderSettings(cache_size=0),
+                        router_server=RouterServerSettings(watch_interval_s=0))
+    _, _, handle = await create_router_server(
+        settings, index, host="127.0.0.1", port=0, encoder_path=benchlib.ENCODER_DIR)
+    await handle.load()
+    try:
+        router = handle.current()
+        decisions = {t: router.route(t) for t in texts[:50]}
+        coalescer = handle.coalescer
+
+        def canned(_: Router, queries: list[Query]) -> list[Decision]:
+            # as RouterHandle.route_inline, the routing itself left out
+            made = [decisions[q.text] for q in queries]
+            asyncio.get_running_loop().call_soon(handle._observe, made, Timings(1e-3, 1e-4, 1e-4))
+            return made
+
+        coalescer._run_inline = canned
+        # The interceptor the server runs (standard_interceptors), built again to call directly.
+        scope = CallInterceptor(TokenSet.from_settings(settings.auth),
+                                on_done=handle.metrics.rpc.observe).scope
+        handler = wrap_handler(
+            grpc.unary_unary_rpc_method_handler(
+                RouterServicer(handle).Route,
+                request_deserializer=pb.RouteRequest.FromString,
+                response_serializer=pb.RouteResponse.SerializeToString),
+            "/semroute.v1.Router/Route", scope)
+        context = _StandInContext()
+        wire = [pb.RouteRequest(query=t).SerializeToString() for t in decisions]
+        before: list[float] = []
+        after: list[float] = []
+        for i in range(calls + 500):
+            coalescer._inline_budget = 1  # always the idle, inline path
+            start = time.perf_counter()
+            reply = await handler.unary_unary(handler.request_deserializer(wire[i % 50]), context)
+            handler.response_serializer(reply)
+            middle = time.perf_counter()
+            await asyncio.sleep(0)  # the callbacks scheduled by the call run now
+            end = time.perf_counter()
+            if i >= 500:  # warm-up
+                before.append(middle - start)
+                after.append(end - middle)
+        return before, after
+    finally:
+        await handle.close()
+
+
+def path_main(args: argparse.Namespace) -> int:
+    from semroute.config import LogSettings
+    from semroute.logs import configure_logging
+
+    sys.stderr = Path("/dev/null").open("w")  # noqa: SIM115 - the process's log sink
+    configure_logging(LogSettings.model_validate({}))
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
+                                    benchlib.ENCODER_DIR, hnsw=True)
+    texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
+    before, after = asyncio.run(time_path(index, args.calls, texts))
+    us = 1e6
+    print(f"our Python per Route call, gRPC taken out, {args.calls} calls; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"before the reply (interceptor + servicer + conversions): p50 "
+          f"{statistics.median(before) * us:.0f} us")
+    print(f"after the reply (metrics, rpc log line, arm counts): p50 "
+          f"{statistics.median(after) * us:.0f} us")
+    return 0
+
+
+# ---- the floor of an empty call (--floor) --------------------------------------------------------
+
+ECHO_SERVICE, ECHO_METHOD = "bench.Echo", "/bench.Echo/Empty"
+LATENCY_OPTIONS = [("grpc.optimization_target", "latency"), ("grpc.enable_retries", 0)]
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def echo_server(kind: str, port: int) -> int:
+    """A bare gRPC server answering ``ECHO_METHOD`` with an empty message: ``aio`` (grpc.aio,
+    as semroute's servers) or ``sync`` (grpc.server on a thread pool)."""
+    import concurrent.futures
+
+    import grpc
+
+    options = [("grpc.so_reuseport", 0)]
+    address = f"127.0.0.1:{port}"
+    if kind == "sync":
+        def empty(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return b""
+
+        handler = grpc.method_handlers_generic_handler(
+            ECHO_SERVICE, {"Empty": grpc.unary_unary_rpc_method_handler(empty, _raw, _raw)})
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4),
+                             handlers=[handler], options=options)
+        server.add_insecure_port(address)
+        server.start()
+        server.wait_for_termination()
+        return 0
+
+    async def serve() -> None:
+        async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return b""
+
+        handler = grpc.method_handlers_generic_handler(
+            ECHO_SERVICE, {"Empty": grpc.unary_unary_rpc_method_handler(empty, _raw, _raw)})
+        server = grpc.aio.server(handlers=[handler], options=options)
+        server.add_insecure_port(address)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+    return 0
+
+
+def floor_main(args: argparse.Namespace) -> int:
+    """Empty-call latency for each client kind against each server kind (see the module
+    docstring), in alternating blocks of 25 calls, ``--calls`` calls each."""
+    import grpc
+
+    from semroute._proto.semroute.v1 import router_pb2 as pb
+    from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
+
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
+                                    benchlib.ENCODER_DIR, hnsw=True)
+    log_path = bench_grpc.OUT / "router-floor.log"
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    for kind in ("aio", "sync"):
+        port = bench_grpc.free_port()
+        servers[f"bare grpc.{'aio.server' if kind == 'aio' else 'server (thread pool)'}"] = (
+            subprocess.Popen([sys.executable, __file__, "--echo-server", kind, str(port)]),
+            f"127.0.0.1:{port}")
+    port = bench_grpc.free_port()
+    router = bench_grpc.start_server(index, benchlib.ENCODER_DIR, port, bench_grpc.free_port(),
+                                     log_path, {"SEMROUTE_ENCODER__CACHE_SIZE": "0"})
+    servers["semroute serve router (GetIndexInfo)"] = (router, f"127.0.0.1:{port}")
+    latencies: dict[tuple[str, str], list[float]] = {}
+
+    def methods(name: str, aio: Any, sync: Any, sync_fast: Any) -> list[tuple[str, Any]]:
+        if name.startswith("semroute"):
+            make = (lambda ch: pb_grpc.RouterStub(ch).GetIndexInfo)  # noqa: E731
+            request: Any = pb.GetIndexInfoRequest()
+        else:
+            make = (lambda ch: ch.unary_unary(  # noqa: E731
+                ECHO_METHOD, request_serializer=_raw, response_deserializer=_raw))
+            request = b""
+        return [("grpc.aio", (make(aio), request)), ("sync stub", (make(sync), request)),
+                ("sync stub, latency options", (make(sync_fast), request))]
+
+    async def measure() -> None:
+        opened = []
+        for name, (_, addr) in servers.items():
+            aio = grpc.aio.insecure_channel(addr)
+            sync = grpc.insecure_channel(addr)
+            sync_fast = grpc.insecure_channel(addr, options=LATENCY_OPTIONS)
+            opened.append((name, aio, sync, sync_fast, methods(name, aio, sync, sync_fast)))
+        try:
+            for _, _, _, _, calls in opened:  # warm-up
+                for client, (method, request) in calls:
+                    for _ in range(200):
+                        reply = method(request, timeout=10)
+                        if client == "grpc.aio":
+                            await reply
+            for block in range(0, args.calls, 25):
+                order = opened if (block // 25) % 2 == 0 else opened[::-1]
+                for name, _, _, _, calls in order:
+                    for client, (method, request) in calls:
+                        out = latencies.setdefault((name, client), [])
+                        for _ in range(25):
+                            start = time.perf_counter()
+                            reply = method(request, timeout=10)
+                            if client == "grpc.aio":
+                                await reply
+                            out.append(time.perf_counter() - start)
+        finally:
+            for _, aio, sync, sync_fast, _ in opened:
+                await aio.close()
+                sync.close()
+                sync_fast.close()
+
+    try:
+        asyncio.run(bench_grpc.wait_serving(servers["semroute serve router (GetIndexInfo)"][1],
+                                            router, log_path))
+        time.sleep(1.0)  # the bare servers start in well under a second
+        asyncio.run(measure())
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    print(f"empty call p50 / p90 (ms), {args.calls} calls each in alternating blocks of 25; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("server | client | p50 ms | p90 ms")
+    for (name, client), lat in latencies.items():
+        lat.sort()
+        print(f"{name} | {client} | {statistics.median(lat) * 1000:.3f} | "
+              f"{lat[int(0.9 * len(lat))] * 1000:.3f}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

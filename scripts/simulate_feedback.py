@@ -1,7 +1,7 @@
 """The feedback loop, shown on LLMRouter: start small, serve traffic, collect feedback, learn.
 
     .venv/bin/python scripts/simulate_feedback.py [--json] [--explore 0.1] [--rounds 1]
-        [--impute] [--no-write]
+        [--seeds 1] [--impute] [--no-write] [--reference-shares 0.2]
 
 1. An outcome index from a seeded 10% of LLMRouter's train split (``before``), and one from all
    of train with every score (``full``: the ceiling of what labels can give).
@@ -10,7 +10,7 @@
    dataset's score for the served target only (what a user's thumbs-up would say). With
    ``--explore E`` a share E of queries is served by another target instead, chosen as the
    dispatcher's ``explore_rate`` does (``semroute.explore``: Thompson-drawn among the targets
-   predicted within ``TOLERANCE`` of the chosen one), recorded as explored.
+   predicted within ``TOLERANCE`` of the chosen one), recorded as explored with its propensity.
 3. ``learn``: the logged feedback joins the serving exemplars (one known score per row, the
    other targets unknown; ``--impute`` fills them with the serving index's predictions instead,
    to measure that) in a candidate index; the candidate is shadowed on the next traffic
@@ -26,8 +26,10 @@
    larger index's approximate search) are evaluated too.
 
 By default both runs are made, without and with exploration (``--explore`` sets its rate,
-0.1 by default), and docs/LOOP.md gets the table. Every text is embedded once (one cached
-encoder shared by the builds, the routers and the evaluations). The last stdout line is JSON:
+0.1 by default), and docs/LOOP.md gets the table; ``--seeds N`` repeats steps 1-4 with N
+seeds (the start rows and the traffic drawn by each) and tabulates the gap closed by each.
+Every text is embedded once (one cached encoder shared by the builds, the routers and the
+evaluations). The last stdout line is JSON:
 ``{"before": {...}, "after": {...}, "full": {...}, "after_explore": {...}, ...}``.
 """
 
@@ -131,9 +133,11 @@ def _serve(router: Router, texts: list[str], scores: Any, targets: list[str], lo
             score = float(scores[row][index[target]])
             served_quality.append(score)
             rid = f"sim-{offset + row}"
+            # as the dispatcher logs it: the first target served, and its odds of being so
             log.record(DecisionRecord(
-                rid, time.time(), decision.route, decision.target, target, decision.confidence,
+                rid, time.time(), decision.route, target, target, decision.confidence,
                 decision.fallback, "ok", index_version=router.index.version, explored=was_explored,
+                propensity=tried.propensity,
                 **query_fields(text, keep_text=True),  # type: ignore[arg-type]
             ))
             log.feedback(Feedback(rid, score, ts=time.time(), target=target))
@@ -204,11 +208,47 @@ def run(explore: float, args: argparse.Namespace, work: Path, encoder: Encoder,
             "shadow_agreement": agreement, "fixed_feedback_aiq": fixed}
 
 
+def _other_seed(seed: int, args: argparse.Namespace, work: Path, encoder: Encoder,
+                texts: list[str], scores: Any, targets: list[str], settings: Settings,
+                full_aiq: float) -> dict[str, Any]:
+    """Steps 1-4 again with the start rows and the traffic drawn by ``seed`` (the full-label
+    index is the same): the start, learnt and explored AIQ and the gap closed."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_start = int(len(order) * args.start_share)
+    work.mkdir()
+    start_csv = _write_csv(work / "start.csv", targets, [texts[i] for i in order[:n_start]],
+                           scores[order[:n_start]])
+    start_version = build_index([start_csv], work / "start", encoder,
+                                targets_file=args.data / "models.csv", settings=settings.index,
+                                progress=False)
+    prices = read_targets_csv(args.data / "models.csv")
+    before = _evaluate(_router(start_version, encoder, settings), args.data / "test.csv",
+                       prices, work / "eval-b")["aiq"]
+    traffic = ([texts[i] for i in order[n_start:]], scores[order[n_start:]])
+    seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+    out: dict[str, Any] = {"seed": seed, "before": before}
+    for key, rate in (("after", 0.0), ("after_explore", args.explore)):
+        aiq = run(rate, seeded, work, encoder, start_version, traffic, targets,
+                  settings)["after"]["aiq"]
+        out[key] = aiq
+        gap = full_aiq - before
+        out["gap_closed" + key.removeprefix("after")] = (
+            round((aiq - before) / gap, 4) if gap > 0 else None)
+    return out
+
+
 def _flags(args: argparse.Namespace) -> str:
     """The non-default options of this run, as typed."""
     flags = f" --rounds {args.rounds}" if args.rounds != 1 else ""
     flags += f" --explore {args.explore:g}" if args.explore != 0.1 else ""
+    flags += f" --seeds {args.seeds}" if args.seeds != 1 else ""
     return flags + (" --impute" if args.impute else "")
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def _tuned(result: dict[str, Any]) -> str:
@@ -236,6 +276,10 @@ def main() -> int:
                         help="comma-separated shares of train also built with every score, "
                         "to compare: 0.2 holds as many scores as the start rows plus one "
                         "feedback score per traffic row ('' for none)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="repeat with this many seeds (--seed, --seed + 1, ...) for the "
+                        "start rows and the traffic, and report the gap closed by each: a "
+                        "500-row test split moves by a few thousandths between draws")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -278,17 +322,23 @@ def main() -> int:
         plain = run(0.0, args, work, encoder, start_version, traffic, targets, settings)
         explored = run(args.explore, args, work, encoder, start_version, traffic, targets,
                        settings)
+        others = [_other_seed(seed, args, work / f"seed-{seed}", encoder, texts, scores,
+                              targets, settings, full["aiq"])
+                  for seed in range(args.seed + 1, args.seed + args.seeds)]
     gap = full["aiq"] - before["aiq"]
 
     def closed(after: dict[str, float]) -> float | None:
         return round((after["aiq"] - before["aiq"]) / gap, 4) if gap > 0 else None
 
-    result = {
+    result: dict[str, Any] = {
         "before": before, "after": plain["after"], "full": full,
         "after_explore": explored["after"], "explore_rate": args.explore,
         "gap_closed": closed(plain["after"]), "gap_closed_explore": closed(explored["after"]),
         "start_rows": len(start_rows), "traffic_rows": len(traffic_rows),
         "references": references,
+        "seeds": [{"seed": args.seed, "before": before["aiq"], "after": plain["after"]["aiq"],
+                   "after_explore": explored["after"]["aiq"], "gap_closed": closed(plain["after"]),
+                   "gap_closed_explore": closed(explored["after"])}, *others],
         "runs": {"plain": plain, "explore": explored},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -318,17 +368,31 @@ def main() -> int:
         "",
         f"Share of the AIQ gap (start -> full) closed by learning: {result['gap_closed']} without "
         f"exploration, {result['gap_closed_explore']} with {args.explore:.0%} (exploration "
-        f"serves a target within {TOLERANCE} predicted quality of the best). {args.rounds} rounds "
-        "of learn + shadow + promote; shadow agreement of each candidate with the index it "
+        f"serves a target within {TOLERANCE} predicted quality of the best). {args.rounds} "
+        f"round{'s' if args.rounds != 1 else ''} of learn + shadow + promote; shadow agreement "
+        "of each candidate with the index it "
         f"replaced: {plain['shadow_agreement']} (no exploration), {explored['shadow_agreement']} "
         "(exploration). Targets without feedback are "
         + ("filled with the serving index's predictions (`--impute`)." if args.impute else
            "left unknown: targets are compared on the fully scored rows, corrected by the "
            "feedback rows' residuals (`decision.feedback_step`: the shared part moves all "
            "targets, a target's own part moves it against the others) with the strength the "
-           "build chose on held-out feedback rows (tuned: no feedback setting = the build "
-           "kept them out)."),
+           "build chose by replaying its choices on held-out feedback rows (tuned: no "
+           "feedback setting = the build kept them out)."),
         "",
+        *([
+            f"Seeds {args.seed}-{args.seed + args.seeds - 1} (each draws its own start rows "
+            "and traffic; the full-label index is the same):",
+            "",
+            "| seed | start AIQ | after learning | gap closed | after, exploration | gap closed |",
+            "|---|---|---|---|---|---|",
+            *(f"| {r['seed']} | {r['before']:.4f} | {r['after']:.4f} | {r['gap_closed']} | "
+              f"{r['after_explore']:.4f} | {r['gap_closed_explore']} |"
+              for r in result["seeds"]),
+            f"| mean | | | {_mean(result['seeds'], 'gap_closed')} | | "
+            f"{_mean(result['seeds'], 'gap_closed_explore')} |",
+            "",
+        ] if args.seeds > 1 else []),
         "The same learnt indexes with the feedback correction set by hand (shrinkage m, "
         "temperature T; `off` ignores the feedback rows: what is left of the difference from "
         "the start index is the larger index's approximate search, not learning). Test AIQ, "

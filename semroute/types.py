@@ -286,6 +286,7 @@ class ChatSummary:
     latency_s: float = 0.0
     ttft_s: float = 0.0
     explored: bool = False  # served by exploration (semroute.explore), not the decided target
+    propensity: float = 1.0  # P(decided_target first | the router's decision) under exploration
 
 
 class DecisionSink(Protocol):

@@ -30,13 +30,18 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--loss", choices=LOSSES, default=defaults.loss,
-        help="labelled sets: mnrl (the default: one positive and one mined hard negative per "
-        "anchor, in-batch negatives) or supcon (label-balanced batches, every same-label row a "
-        "positive; a third of the compute per anchor). Outcome sets always use the "
-        "score-weighted soft loss",
+        help="labelled sets: proxy (a learned vector per route, cross-entropy over scaled "
+        "cosines; one text per row; the proxies are dropped after training), mnrl (one "
+        "positive per anchor, in-batch negatives), mnrl-hard (mnrl plus a mined hard negative; "
+        "three texts per anchor) or supcon (label-balanced batches, every same-label row a "
+        "positive). Default: %(default)s; docs/EVAL.md compares them. Outcome sets always use "
+        "the score-weighted soft loss",
     )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate,
+        help="the encoder's (default: 5e-5 for proxy, 2e-5 for the others)",
+    )
     p.add_argument(
         "--held-out", type=float, default=defaults.held_out,
         help="stratified share of the exemplars kept to compare the tuned encoder with the base",

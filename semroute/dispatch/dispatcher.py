@@ -154,6 +154,7 @@ class _Plan:
     routed_text: str = ""  # what the router embedded ("" when a rule or a force decided)
     embedding: np.ndarray | None = None  # the router's embedding of it, when it returned one
     explored: bool = False  # chain[0] was put first by exploration (semroute.explore)
+    propensity: float = 1.0  # P(chain[0] first | the decision), with exploration (ditto)
 
 
 class Dispatcher:
@@ -408,7 +409,7 @@ class Dispatcher:
                     index_version=plan.index_version,
                     cost_usd=done.cost_usd if done else 0.0,
                     latency_s=time.monotonic() - start, ttft_s=done.ttft_s if done else 0.0,
-                    explored=plan.explored,
+                    explored=plan.explored, propensity=plan.propensity,
                 ))
 
     async def _query_embedding(self, plan: _Plan) -> np.ndarray | None:
@@ -490,6 +491,7 @@ class Dispatcher:
             )
         decision: Decision | None = None
         explored_target = ""
+        first, propensity = "", 1.0  # exploration's view of who goes first, and its odds
         if pre.rule is not None:
             route, confidence, fallback = pre.rule.route, 1.0, False
             reason = f"{pre.rule.describe()} matched"
@@ -517,6 +519,7 @@ class Dispatcher:
                 proposed = tuple(decision.targets) or (decision.target,)
                 tried = explore(proposed, decision.scores, rate=self.settings.explore_rate,
                                 tolerance=self.settings.explore_tolerance, rng=self._rng)
+                first, propensity = tried.chain[0], tried.propensity
                 if tried.explored:
                     reason += f"; exploring {tried.chain[0]!r} instead of {proposed[0]!r}"
                     explored_target, proposed = tried.chain[0], tried.chain
@@ -545,7 +548,8 @@ class Dispatcher:
         routed = user_turns[-1] if decision is not None and not pre.rule else ""
         return _Plan(route, confidence, reason, fallback, chain, version, routed,
                      call.embedding if routed else None,
-                     explored=bool(explored_target) and chain[0] == explored_target)
+                     explored=bool(explored_target) and chain[0] == explored_target,
+                     propensity=propensity if chain[0] == first else 1.0)
 
     async def _ask_router(
         self, text: str, history: tuple[str, ...], policy: Policy, rid: str, call: RouteCall

@@ -53,6 +53,9 @@ class LearnedRow:
     target: str
     score: float
     ts: float
+    # P(this target was served first | the serving decision), logged with exploration; 1 for
+    # a row nothing could have been explored on (or a fallback answered: not a choice)
+    propensity: float = 1.0
 
 
 @dataclass
@@ -110,8 +113,10 @@ def collect(
         if not decision.query_text:
             no_text += 1
             continue
+        chosen = targets[rid] == decision.decided_target
         row = LearnedRow(rid, decision.query_text, decision.route, targets[rid],
-                         float(np.mean(scores[rid])), decision.ts)
+                         float(np.mean(scores[rid])), decision.ts,
+                         decision.propensity if chosen else 1.0)
         (held if in_holdout(rid, holdout) else train).append(row)
     return train, held, no_text
 
@@ -257,18 +262,33 @@ def _routes_yaml(table: RouteTable) -> dict[str, Any]:
 class ReplayScore:
     """Replay estimate of a router on held-out feedback: of the rows where it would have
     chosen the target that actually answered (``matched``), the mean feedback score. Rows
-    where it chooses another target say nothing about it (their outcome is unknown)."""
+    where it chooses another target say nothing about it (their outcome is unknown).
+
+    ``weighted_score`` weighs each matched row by 1 / its logged propensity (self-normalised
+    inverse-propensity weighting): a row served by a target the serving index was unlikely to
+    serve stands for the many such queries that target never saw, so a router that differs
+    from the serving one is judged on the traffic it would get, not on the serving one's
+    (equal to ``mean_score`` when nothing was explored)."""
 
     matched: int
     rows: int
     mean_score: float | None
+    weighted_score: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"matched": self.matched, "rows": self.rows,
-                "mean_score": None if self.mean_score is None else round(self.mean_score, 4)}
+        def r4(v: float | None) -> float | None:
+            return None if v is None else round(v, 4)
+
+        return {"matched": self.matched, "rows": self.rows, "mean_score": r4(self.mean_score),
+                "weighted_score": r4(self.weighted_score)}
 
 
 def replay(choose: Any, rows: list[LearnedRow]) -> ReplayScore:
     """``choose(text) -> target`` replayed on ``rows`` (see ``ReplayScore``)."""
-    hits = [r.score for r in rows if choose(r.text) == r.target]
-    return ReplayScore(len(hits), len(rows), float(np.mean(hits)) if hits else None)
+    hits = [r for r in rows if choose(r.text) == r.target]
+    if not hits:
+        return ReplayScore(0, len(rows), None, None)
+    weights = np.array([1.0 / max(r.propensity, 1e-6) for r in hits])
+    scores = np.array([r.score for r in hits])
+    return ReplayScore(len(hits), len(rows), float(scores.mean()),
+                       float((weights * scores).sum() / weights.sum()))

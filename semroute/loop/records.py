@@ -40,6 +40,9 @@ class DecisionRecord:
     shadow_route: str | None = None
     shadow_target: str | None = None
     explored: bool = False
+    # P(the answering target was served first | the router's decision), from exploration
+    # (semroute.explore); 1 when nothing could have been explored
+    propensity: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class LogSink:
                 tenant=summary.tenant, index_version=summary.index_version,
                 cost_usd=summary.cost_usd, latency_ms=summary.latency_s * 1000,
                 ttft_ms=summary.ttft_s * 1000, explored=summary.explored,
+                propensity=summary.propensity,
                 **query_fields(summary.query, keep_text=self.keep_text),  # type: ignore[arg-type]
             )
             self.log.record(row)

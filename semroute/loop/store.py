@@ -32,7 +32,8 @@ _SCHEMA = (
         index_version TEXT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
         latency_ms DOUBLE PRECISION NOT NULL, ttft_ms DOUBLE PRECISION NOT NULL,
         query_sha256 TEXT NOT NULL, query_chars INTEGER NOT NULL, query_text TEXT,
-        shadow_route TEXT, shadow_target TEXT, explored BOOLEAN NOT NULL)""",
+        shadow_route TEXT, shadow_target TEXT, explored BOOLEAN NOT NULL,
+        propensity DOUBLE PRECISION NOT NULL DEFAULT 1)""",
     "CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts)",
     """CREATE TABLE IF NOT EXISTS feedback (
         request_id TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, ts DOUBLE PRECISION NOT NULL,
@@ -48,12 +49,16 @@ _SCHEMA = (
         query_sha256 TEXT NOT NULL, query_chars INTEGER NOT NULL, query_text TEXT)""",
     "CREATE INDEX IF NOT EXISTS shadow_decisions_ts ON shadow_decisions (ts)",
 )
+# Columns added to ``decisions`` after its first release: a database made before gets them on
+# open, old rows taking the default.
+_ADDED_DECISION_COLUMNS = (("propensity", "DOUBLE PRECISION NOT NULL DEFAULT 1"),)
 
 
 class SqlStore:
     """The decision log's tables over one DB-API connection (see the module docstring)."""
 
     placeholder = "?"
+    add_column = "ALTER TABLE {table} ADD COLUMN {column} {kind}"
 
     def __init__(self, connection: Any, where: str) -> None:
         self._conn = connection
@@ -63,6 +68,18 @@ class SqlStore:
             for statement in _SCHEMA:
                 self._conn.execute(statement)
             self._conn.commit()
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a database created by an older version lacks."""
+        cur = self._conn.execute("SELECT * FROM decisions WHERE 1 = 0")
+        present = {d[0] for d in cur.description}
+        cur.fetchall()
+        for column, kind in _ADDED_DECISION_COLUMNS:
+            if column not in present:
+                self._conn.execute(self.add_column.format(table="decisions", column=column,
+                                                          kind=kind))
+        self._conn.commit()
 
     def insert_decisions(self, rows: Sequence[DecisionRecord]) -> None:
         """Insert rows in one transaction; a request id seen before keeps its first row."""
@@ -198,6 +215,8 @@ class PostgresStore(SqlStore):
     """PostgreSQL through psycopg 3 (one connection; the writer batches rows)."""
 
     placeholder = "%s"
+    # two replicas may open an old database at once
+    add_column = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
 
     def __init__(self, url: str) -> None:
         try:

@@ -96,6 +96,8 @@ def tune_outcome_build(
     }
     if t.cv_aiq_feedback is not None:
         figures["cv_aiq_feedback"] = round(t.cv_aiq_feedback, 4)
+    if t.cv_aiq_feedback_without is not None:
+        figures["cv_aiq_feedback_without"] = round(t.cv_aiq_feedback_without, 4)
     if t.feedback_shrinkage is not None:
         decision["feedback_shrinkage"] = t.feedback_shrinkage
         decision["feedback_temperature"] = t.feedback_temperature

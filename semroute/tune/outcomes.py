@@ -12,8 +12,10 @@ never held out: a route can only be scored where every target's outcome is known
 fully scored rows, the settings above are tuned on those alone (the decision's estimate runs
 over them, ``decision.predict_quality``), then the feedback rows' correction
 (``feedback_shrinkage`` and ``feedback_temperature``, ``decision.feedback_step``) is chosen on
-folds of the feedback rows, each held-out one judged on the score it observed; it is kept only
-when it predicts those better than the fully scored rows alone. With too few fully scored rows
+folds of the feedback rows by the AIQ of its choices replayed on the held-out ones (the score a
+row observed where a choice picks its target, the fully scored rows' estimate elsewhere); it is
+kept only when it beats the fully scored rows alone on that replay and on the held-out observed
+scores' squared error. With too few fully scored rows
 every row is held out, unknown scores counted at the target's mean.
 """
 
@@ -61,9 +63,12 @@ class OutcomeTuning:
     grid: tuple[tuple[int, float, float, int, float, float], ...] = field(default=(), repr=False)
     feedback_shrinkage: float | None = None  # None: rows learnt from feedback are ignored
     feedback_temperature: float = 0.05
-    cv_aiq_feedback: float | None = None  # not measured: see ``_with_feedback``
+    # replay AIQ on held-out feedback rows (``_with_feedback``) of the chosen correction and
+    # of none (None: no feedback rows)
+    cv_aiq_feedback: float | None = None
+    cv_aiq_feedback_without: float | None = None
     # held-out feedback rows' mean squared error on their observed targets, with the chosen
-    # correction and without any (None: no feedback rows)
+    # correction and without any (shown, not the criterion)
     feedback_error: float | None = None
     feedback_error_without: float | None = None
 
@@ -80,8 +85,10 @@ class OutcomeTuning:
                 else f"shrinkage {self.feedback_shrinkage:g} T {self.feedback_temperature:g}"
             )
             mode += (
-                f"; feedback rows {used} (held-out feedback squared error "
-                f"{self.feedback_error:.4f} with them, {self.feedback_error_without:.4f} without)"
+                f"; feedback rows {used} (held-out feedback replay AIQ "
+                f"{self.cv_aiq_feedback or 0.0:.4f} with them, "
+                f"{self.cv_aiq_feedback_without or 0.0:.4f} without; squared error "
+                f"{self.feedback_error:.4f} / {self.feedback_error_without:.4f})"
             )
         return (
             f"tuned on {self.folds}-fold CV: {mode}; AIQ {self.cv_aiq:.4f} (kNN "
@@ -236,15 +243,20 @@ def _with_feedback(
     scored: OutcomeTuning, seed: int, started: float,
 ) -> OutcomeTuning:
     """``scored`` (tuned on the fully scored rows) plus the feedback rows' correction
-    (``decision.feedback_step``), its pseudo-count and temperature chosen on held-out feedback
-    rows, each judged only on the targets it observed.
+    (``decision.feedback_step``), its pseudo-count and temperature chosen by replay on held-out
+    feedback rows.
 
     The fully scored rows cannot judge it: the feedback was logged by a serving index fitted on
     them, so near a held-out row the served targets are the ones that row scored well on, and
-    any use of the feedback looks good. A held-out feedback row's observed score is honest: the
-    fully scored rows' estimate there (none of them is that row) corrected by the other folds'
-    feedback rows predicts it, and the setting with the least squared error wins; it is kept
-    only when it beats the fully scored rows' estimate alone on the same cells."""
+    any use of the feedback looks good. A held-out feedback row's observed score is honest, but
+    predicting it well is not the goal: choosing well is. So each setting's predictions on the
+    held-out rows (the fully scored rows' estimate there, corrected by the other folds'
+    feedback rows) are swept over cost weights like the decision settings above, each choice
+    credited with the row's observed score when it picks the target that was observed and with
+    the fully scored rows' estimate of the target it picks otherwise (a replay, doubly robust
+    with every propensity taken as 1; the logged propensities did no better, docs/LOOP.md). The
+    setting with the highest AIQ wins; it is kept only when it beats the fully scored rows'
+    estimate alone on the same replay and predicts the held-out observed scores better."""
     xc, yc, wc = x[complete], y[complete], w_ex[complete]
     part = np.flatnonzero(~complete)
     xp, yp, wp = x[part], y[part], w_ex[part]
@@ -254,25 +266,36 @@ def _with_feedback(
                          scored.shrinkage, scored.local_k, scored.local_shrinkage, k)
     known = np.isfinite(yp)
     fold = random_folds(len(part), scored.folds, seed)
-    tried = {(m, tf): 0.0 for tf in FEEDBACK_TEMPERATURE_GRID for m in FEEDBACK_SHRINKAGE_GRID}
+    preds = {(m, tf): base.copy() for tf in FEEDBACK_TEMPERATURE_GRID
+             for m in FEEDBACK_SHRINKAGE_GRID}
     for f in range(scored.folds):
         held, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
         if len(held) == 0 or len(rest) == 0:
             continue
         fsims, fidx = top_neighbours(xp[held], xp[rest], k)
-        values, truth, seen = yp[rest][fidx], yp[held], known[held]
-        for tf in FEEDBACK_TEMPERATURE_GRID:
-            for m in FEEDBACK_SHRINKAGE_GRID:
-                pred = feedback_batch(fsims, values, wp[rest][fidx], sims[held, 0], base[held],
-                                      m, tf, scored.temperature)
-                tried[(m, tf)] += float(np.square(pred - truth)[seen].sum())
+        values = yp[rest][fidx]
+        for (m, tf), pred in preds.items():
+            pred[held] = feedback_batch(fsims, values, wp[rest][fidx], sims[held, 0], base[held],
+                                        m, tf, scored.temperature)
+    lo_hi = (float(c.min()), float(c.max()))
+    credit = np.where(known, yp, base)
+
+    def replayed(pred: FloatArray) -> float:
+        return aiq(cost_quality_sweep(pred, credit, c), lo_hi)
+
+    tried = {key: replayed(pred) for key, pred in preds.items()}
+    (m, tf), value = max(tried.items(), key=lambda kv: kv[1])
+    without = replayed(base)
     cells = max(int(known.sum()), 1)
-    without = float(np.square(base - yp)[known].sum()) / cells
-    (m, tf), error = min(tried.items(), key=lambda kv: kv[1])
-    error /= cells
-    keep = error < without - 1e-12  # strictly: feedback rows must earn their place
+    error = float(np.square(preds[(m, tf)] - yp)[known].sum()) / cells
+    error_without = float(np.square(base - yp)[known].sum()) / cells
+    # Strictly, and on both counts: the best of many replays beats the one without by chance
+    # (and the replay credits the estimate it is compared with), so the chosen correction must
+    # also predict the held-out observed scores better than no correction does.
+    keep = value > without + 1e-12 and error < error_without - 1e-12
     return replace(
         scored, feedback_shrinkage=m if keep else None, feedback_temperature=tf,
-        feedback_error=error, feedback_error_without=without,
+        cv_aiq_feedback=value, cv_aiq_feedback_without=without,
+        feedback_error=error, feedback_error_without=error_without,
         seconds=time.perf_counter() - started,
     )

@@ -120,6 +120,43 @@ def test_shadow_rows_round_trip_and_are_purged(store_url: str) -> None:
     log.close()
 
 
+# ``decisions`` as the first release created it, before ``propensity``
+OLD_DECISIONS = """CREATE TABLE decisions (
+    request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, route TEXT NOT NULL,
+    decided_target TEXT NOT NULL, target TEXT NOT NULL, confidence DOUBLE PRECISION NOT NULL,
+    fallback BOOLEAN NOT NULL, status TEXT NOT NULL, tenant TEXT NOT NULL,
+    index_version TEXT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL, ttft_ms DOUBLE PRECISION NOT NULL,
+    query_sha256 TEXT NOT NULL, query_chars INTEGER NOT NULL, query_text TEXT,
+    shadow_route TEXT, shadow_target TEXT, explored BOOLEAN NOT NULL)"""
+
+
+def test_a_database_from_before_the_propensity_column_opens(store_url: str) -> None:
+    """A log created before decisions had ``propensity`` gains the column on open: its rows
+    read back with propensity 1 (nothing was explored with known odds) and new rows keep
+    theirs; opening it again changes nothing."""
+    store = open_store(store_url)
+    with store._lock:
+        store._conn.execute("DROP TABLE decisions")
+        store._conn.execute(OLD_DECISIONS)
+        store._conn.execute(  # within the retention, older than the new row
+            f"INSERT INTO decisions VALUES ('old', {NOW - 7200}, 'code', 'a', 'a', 0.9, FALSE, "
+            "'ok', '', '', 0, 0, 0, '', 0, NULL, NULL, NULL, TRUE)")
+        store._conn.commit()
+    store.close()
+    log = DecisionLog(open_store(store_url))
+    new = _row(1, explored=True, propensity=0.125)
+    log.record(new)
+    assert log.flush()
+    got = {r.request_id: r for r in log.store.decisions()}
+    log.close()
+    assert got["old"].propensity == 1.0 and got["old"].explored
+    assert got["req-1"] == new
+    again = open_store(store_url)
+    assert [r.propensity for r in again.decisions()] == [1.0, 0.125]
+    again.close()
+
+
 class StalledStore(SqlStore):
     """A store whose inserts wait until released: a database that stopped answering."""
 

@@ -70,7 +70,7 @@ def test_tuned_encoder_is_an_export_with_a_manifest(tuned, exemplars: Path) -> N
     assert json.loads((out / FP32_SUBDIR / "manifest.json").read_text())["int8"] is False
     assert (out / MODEL_SUBDIR / "modules.json").exists()
     record = manifest["tuned"]
-    assert record["seed"] == 7 and record["epochs"] == 1 and record["loss"] == "mnrl"
+    assert record["seed"] == 7 and record["epochs"] == 1 and record["loss"] == OPTIONS.loss
     assert record["base"].endswith("model")
     assert next(iter(record["exemplars"].values())).startswith("sha256:")
     assert record["rows_held_out"] >= len(LABELS)

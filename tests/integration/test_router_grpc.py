@@ -14,7 +14,7 @@ from semroute._proto.semroute.v1 import router_pb2 as pb
 from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
 from semroute.errors import InvalidRequest, NotReady, ServiceUnreachable, UnknownTarget
 from semroute.grpc.router_client import RouterClient, SyncRouterClient
-from semroute.types import Policy, Query
+from semroute.types import Decision, Policy, Query
 from tests.integration.router_grpc_support import (
     ROWS_V1,
     ROWS_V2,
@@ -160,6 +160,23 @@ async def test_concurrent_calls_are_batched_and_each_gets_its_own_answer(
         expected = Router(shared_encoder(), router.index, router.settings).route_batch(
             [Query(t) for t in texts]
         )
+        coalescer = r.handle.coalescer
+        run_batch = coalescer._run_batch
+
+        held: list[bool] = []
+
+        async def hold_first(router: Router, queries: list[Query]) -> list[Decision]:
+            # The first batch waits (up to 2 s) for another call to queue behind it, so the
+            # test does not depend on how quickly a loaded machine delivers the 48 calls.
+            if not held:
+                held.append(True)
+                for _ in range(200):
+                    if coalescer.queued:
+                        break
+                    await asyncio.sleep(0.01)
+            return await run_batch(router, queries)
+
+        coalescer._run_batch = hold_first
         before = r.metrics.registry.get_sample_value("semroute_router_batch_size_count") or 0
         got = await asyncio.gather(*(client.route(t) for t in texts))
         for text, want, have in zip(texts, expected, got, strict=True):
@@ -306,6 +323,36 @@ async def test_async_client_maps_unavailable_to_not_ready(small_index: Path) -> 
     async with RouterClient(r.addr, timeout=2) as gone:
         with pytest.raises(ServiceUnreachable, match=r"router at 127\.0\.0\.1"):
             await gone.route("hello")
+
+
+async def test_sync_client_maps_unavailable_like_the_async_one(small_index: Path) -> None:
+    """SyncRouterClient (grpc's blocking stub, no event loop) raises what RouterClient raises:
+    the unloaded server's own NotReady, then ServiceUnreachable naming a closed port; it can
+    be shared between threads and opens the channels it is asked for."""
+    async with running_router(small_index, load=False) as r:
+        def unloaded() -> None:
+            with SyncRouterClient(r.addr, timeout=5) as client:
+                with pytest.raises(NotReady, match="no index loaded yet") as info:
+                    client.route("hello")
+                assert type(info.value) is NotReady
+
+        await asyncio.to_thread(unloaded)
+        await r.handle.load()
+
+        def shared(client: SyncRouterClient, text: str) -> str:
+            return client.route(text).route
+
+        with SyncRouterClient(r.addr, timeout=10, channels=2) as client:
+            routes = await asyncio.gather(
+                *(asyncio.to_thread(shared, client, t) for t, _ in QUERIES))
+        assert routes == [want for _, want in QUERIES]
+
+    def gone() -> None:
+        with (SyncRouterClient(r.addr, timeout=2) as client,
+              pytest.raises(ServiceUnreachable, match=r"router at 127\.0\.0\.1")):
+            client.route("hello")
+
+    await asyncio.to_thread(gone)
 
 
 async def test_one_unroutable_query_does_not_fail_its_batch_mates(small_index: Path) -> None:

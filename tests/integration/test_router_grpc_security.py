@@ -206,3 +206,28 @@ async def test_router_client_over_mutual_tls_with_token(certs: Certs, small_inde
         async with RouterClient(r.addr, token="tls-user", tls_ca=certs.ca, timeout=5) as client:
             with pytest.raises(NotReady):
                 await client.route("Hi there")
+
+
+async def test_sync_router_client_over_mutual_tls_with_token(certs: Certs,
+                                                            small_index: Path) -> None:
+    """SyncRouterClient (the blocking client) with a CA, a client certificate and a token
+    routes over mTLS; without the token the server's Unauthenticated comes back."""
+    import asyncio
+
+    from semroute.errors import Unauthenticated
+    from semroute.grpc.router_client import SyncRouterClient
+
+    settings = router_settings(
+        tls__cert_file=certs.server_cert, tls__key_file=certs.server_key,
+        tls__client_ca_file=certs.ca,
+    )
+    tokens = TokenSet.of(user=["tls-user"])
+    async with running_router(small_index, settings=settings, tokens=tokens) as r:
+        def use(token: str | None) -> str:
+            with SyncRouterClient(r.addr, token=token, tls_ca=certs.ca, timeout=10,
+                                  tls_cert=certs.client_cert, tls_key=certs.client_key) as c:
+                return c.route("Hi there, how are you doing?").route
+
+        assert await asyncio.to_thread(use, "tls-user") == "chitchat"
+        with pytest.raises(Unauthenticated):
+            await asyncio.to_thread(use, None)

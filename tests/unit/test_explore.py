@@ -3,14 +3,18 @@ plausible alternatives, and is recorded in the decision log."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from semroute.config import DispatcherSettings
 from semroute.dispatch.dispatcher import Dispatcher
 from semroute.dispatch.pool import BackendPool
-from semroute.explore import alternatives, explore
+from semroute.errors import SemrouteError
+from semroute.explore import alternatives, explore, win_probabilities
 from semroute.loop.decision_log import DecisionLog
 from semroute.loop.sink import LogSink
 from semroute.loop.store import open_store
@@ -106,12 +110,65 @@ async def test_the_dispatcher_explores_only_when_configured() -> None:
 
 
 def test_the_log_records_explored(tmp_path: Path) -> None:
-    """A chat served by exploration is an ``explored`` row in the decision log."""
+    """A chat served by exploration is an ``explored`` row in the decision log, with its
+    propensity."""
     sink = LogSink(DecisionLog(open_store(f"sqlite:{tmp_path / 'd.db'}")))
-    for rid, explored in (("a", True), ("b", False)):
+    for rid, explored, p in (("a", True, 0.07), ("b", False, 0.9)):
         sink.record(ChatSummary(rid, "q", "r", "local-large", "local-large", 0.8, False, "ok",
-                                explored=explored))
+                                explored=explored, propensity=p))
     assert sink.log.flush()
-    rows = {r.request_id: r.explored for r in sink.log.store.decisions()}
+    rows = {r.request_id: (r.explored, r.propensity) for r in sink.log.store.decisions()}
     sink.close()
-    assert rows == {"a": True, "b": False}
+    assert rows == {"a": (True, 0.07), "b": (False, 0.9)}
+
+
+def test_the_propensity_is_the_chance_of_being_served_first() -> None:
+    """The logged propensity of whatever ``explore`` serves first matches how often it is
+    served first over many draws: 1 - rate for the decided target when an alternative is near,
+    rate x its Thompson win probability for an alternative, 1 when nothing can be explored."""
+    rng = random.Random(3)
+    scores = {"gpt-4o": 0.8, "local-large": 0.78, "local-small": 0.7}
+    n, rate = 40_000, 0.3
+    counts: dict[str, int] = {}
+    logged: dict[str, float] = {}
+    for _ in range(n):
+        got = explore(CHAIN, scores, rate=rate, tolerance=0.2, rng=rng)
+        counts[got.chain[0]] = counts.get(got.chain[0], 0) + 1
+        logged.setdefault(got.chain[0], got.propensity)
+        assert logged[got.chain[0]] == got.propensity  # the same decision, the same odds
+    assert logged["gpt-4o"] == pytest.approx(1 - rate)
+    for target, seen in counts.items():
+        assert seen / n == pytest.approx(logged[target], abs=0.01)
+    assert logged["local-large"] > logged["local-small"] > 0.05
+    assert sum(win_probabilities([0.8, 0.7])) == pytest.approx(1)
+    assert win_probabilities([0.5, 0.5]) == pytest.approx([0.5, 0.5])
+    alone = explore(CHAIN, {**scores, "local-large": 0.1, "local-small": 0.1}, rate=rate,
+                    tolerance=0.1, rng=rng)
+    assert alone.propensity == 1.0 and not alone.explored
+    assert explore(CHAIN, scores, rate=0.0, tolerance=0.2, rng=rng).propensity == 1.0
+
+
+async def test_the_dispatcher_logs_the_propensity() -> None:
+    """What the dispatcher reports to the decision log carries the propensity of the target it
+    served first: 1 - rate when it kept the decided one, rate x win probability otherwise."""
+    seen: list[ChatSummary] = []
+
+    class ListSink:
+        def record(self, summary: ChatSummary) -> None:
+            seen.append(summary)
+
+        def close(self) -> None:
+            pass
+
+    dispatcher = Dispatcher(QualityRouter(), BackendPool(CONFIGS, environ={}),
+                            DispatcherSettings(explore_rate=0.5), rng=random.Random(5),
+                            sink=ListSink())  # type: ignore[arg-type]
+    for _ in range(40):
+        with contextlib.suppress(SemrouteError):  # no backend answers: logged as failed
+            async for _event in dispatcher.chat(ChatRequest((Message("user", "hello"),))):
+                pass
+    assert {s.explored for s in seen} == {True, False}
+    for summary in seen:
+        # one alternative within the default tolerance: it always wins its draw
+        assert summary.propensity == pytest.approx(0.5)
+        assert summary.explored == (summary.decided_target == "local-large")

@@ -4,10 +4,13 @@ the serving index's exemplars, held-out feedback stays out, and what cannot be l
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from semroute.index import build_index
-from semroute.loop.learn import in_holdout, prepare_learning
+from semroute.loop.learn import LearnedRow, collect, in_holdout, prepare_learning, replay
 from semroute.loop.records import DecisionRecord, Feedback, query_fields
 from tests.conftest import HashEncoder, write
 
@@ -71,3 +74,27 @@ def test_the_holdout_split_is_stable() -> None:
     first = [in_holdout(f"id-{i}", 0.2) for i in range(2000)]
     assert first == [in_holdout(f"id-{i}", 0.2) for i in range(2000)]
     assert 0.15 < sum(first) / 2000 < 0.25
+
+
+def test_rows_carry_the_logged_propensity_of_the_target_served_first() -> None:
+    """A feedback row takes its decision's propensity when its target is the one served first;
+    a row answered by a fallback (not a choice anyone drew) counts as certain."""
+    decision, fb = _pair(1, "q", "code", "b", 0.5)
+    served = replace(decision, propensity=0.2)
+    fallback = replace(decision, request_id="req-2", decided_target="a", propensity=0.2)
+    train, _, _ = collect([(served, fb), (fallback, replace(fb, request_id="req-2"))], 0.0)
+    assert [(r.request_id, r.propensity) for r in train] == [("req-1", 0.2), ("req-2", 1.0)]
+
+
+def test_replay_weighs_matched_rows_by_their_inverse_propensity() -> None:
+    """The weighted replay score counts a row served against the odds for the queries it stands
+    for; with every propensity 1 it equals the plain mean of the matched rows."""
+    rows = [LearnedRow("r1", "x", "code", "a", 1.0, 1.0, propensity=0.1),
+            LearnedRow("r2", "y", "code", "a", 0.0, 2.0, propensity=0.9),
+            LearnedRow("r3", "z", "code", "b", 1.0, 3.0, propensity=0.9)]
+    got = replay(lambda text: "a", rows)
+    assert (got.matched, got.rows, got.mean_score) == (2, 3, 0.5)
+    assert got.weighted_score == pytest.approx(10 / (10 + 1 / 0.9))
+    certain = [replace(r, propensity=1.0) for r in rows]
+    assert replay(lambda text: "a", certain).weighted_score == pytest.approx(0.5)
+    assert replay(lambda text: "c", rows).as_dict()["weighted_score"] is None

@@ -201,12 +201,17 @@ def test_tuning_holds_out_only_fully_scored_rows() -> None:
     assert tuned.feedback_error is not None and tuned.feedback_error_without is not None
     assert tuned.feedback_error < tuned.feedback_error_without
     assert tuned.feedback_shrinkage is not None
+    # chosen by the AIQ of its choices replayed on held-out feedback rows, which it improves
+    assert tuned.cv_aiq_feedback is not None and tuned.cv_aiq_feedback_without is not None
+    assert tuned.cv_aiq_feedback > tuned.cv_aiq_feedback_without
+    assert "replay AIQ" in tuned.summary()
 
 
 def test_feedback_that_only_repeats_what_the_scored_rows_know_is_kept_out() -> None:
     """Feedback drawn as coin flips from the very probabilities the fully scored rows already
     estimate well carries no correction: held out, it is predicted no better with the
-    correction than without, and the build leaves the feedback rows out of the decision."""
+    correction than without, and the build leaves the feedback rows out of the decision (even
+    when the best of the replayed settings beats no correction by chance)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1000, 8)).astype(F)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

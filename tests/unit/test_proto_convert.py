@@ -25,6 +25,26 @@ def test_default_request_is_default_query() -> None:
     assert convert.query_from_proto(pb.RouteRequest(query="x")) == Query(text="x")
 
 
+def test_absent_parts_are_left_out_and_read_back_as_defaults() -> None:
+    """A query with no history and the default policy sends neither; any non-default policy
+    (even max_cost 0.0 alone) is sent; an empty policy message set by another client reads as
+    the default policy; a decision without neighbours comes back with none."""
+    from semroute._proto.semroute.v1 import router_pb2 as pb
+
+    plain = convert.query_to_proto(Query("x"))
+    assert not plain.HasField("policy") and not plain.history
+    assert convert.query_from_proto(plain) == Query("x")
+    capped = Query("x", policy=Policy(max_cost=0.0))
+    assert convert.query_to_proto(capped).HasField("policy")
+    assert convert.query_from_proto(convert.query_to_proto(capped)) == capped
+    explicit = pb.RouteRequest(query="x", policy=pb.Policy())
+    assert explicit.HasField("policy")
+    assert convert.query_from_proto(explicit) == Query("x")
+    bare = Decision(route="a", target="t", confidence=1.0, fallback=False, reason="", scores={},
+                    targets=("t",))
+    assert convert.decision_from_proto(convert.decision_to_proto(bare)) == bare
+
+
 def test_decision_round_trip() -> None:
     """Every Decision field, neighbours included, comes back equal."""
     decision = Decision(
