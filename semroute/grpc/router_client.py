@@ -106,6 +106,19 @@ def channel_options(addr: str, lb_policy: str) -> list[tuple[str, int | str]]:
     return [*CHANNEL_OPTIONS, *balancing_options(addr, lb_policy)]
 
 
+class StubTurns:
+    """One Router stub per channel, handed out in turn (both clients spread calls this way)."""
+
+    def __init__(self, channels: Sequence[Any]) -> None:
+        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
+                       for ch in channels]
+        self._turn = 0
+
+    def next(self) -> pb_grpc.RouterStub:
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
+
+
 class RouterClient:
     """Async client of ``semroute.v1.Router``. Use as ``async with RouterClient(addr) as c``.
 
@@ -145,15 +158,12 @@ class RouterClient:
         options = channel_options(addr, lb_policy)
         self._channels = [open_channel(addr, tls_ca, tls_cert, tls_key, options=options)
                           for _ in range(channels)]
-        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
-                       for ch in self._channels]
-        self._turn = 0
+        self._stubs = StubTurns(self._channels)
 
     @property
     def stub(self) -> pb_grpc.RouterStub:
         """The stub of the next channel in turn."""
-        self._turn = (self._turn + 1) % len(self._stubs)
-        return self._stubs[self._turn]
+        return self._stubs.next()
 
     async def __aenter__(self) -> RouterClient:
         return self
@@ -261,15 +271,12 @@ class SyncRouterClient:
         else:
             self._channels = [grpc.insecure_channel(addr, options=options)
                               for _ in range(channels)]
-        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
-                       for ch in self._channels]
-        self._turn = 0
+        self._stubs = StubTurns(self._channels)
 
     @property
     def stub(self) -> pb_grpc.RouterStub:
         """The stub of the next channel in turn."""
-        self._turn = (self._turn + 1) % len(self._stubs)
-        return self._stubs[self._turn]
+        return self._stubs.next()
 
     def __enter__(self) -> SyncRouterClient:
         return self
