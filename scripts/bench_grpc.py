@@ -59,17 +59,31 @@ def read_texts(path: Path) -> list[str]:
         return [row["text"] for row in csv.DictReader(f)]
 
 
-def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = False) -> Path:
+def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = False,
+                 static: bool = False) -> Path:
     """Build the Banking77 index under ``root`` unless one built from the same file with the
     same encoder is already there (a stamp records the source and the encoder fingerprint).
-    ``hnsw``: approximate HNSW32 index instead of the exact flat one."""
+    ``hnsw``: approximate HNSW32 index instead of the exact flat one. ``static``: with the
+    two-stage encoder's static stage (the static model `make setup` distilled), as `semroute
+    index build` adds it by default."""
     from semroute.config import IndexSettings
     from semroute.encoder import OnnxEncoder
     from semroute.index import build_index
+    from semroute.static_encoder import StaticEncoder
 
     encoder = OnnxEncoder.load(encoder_dir, threads=2)
+    static_model = None
+    if static:
+        from semroute.config import EncoderSettings
+
+        static_model = StaticEncoder.load(EncoderSettings().static_path)
+        if static_model.source_fingerprint != encoder.fingerprint:
+            raise SystemExit(f"{EncoderSettings().static_path} was not distilled from "
+                             f"{encoder_dir}: run `make setup`")
     stat = train.stat()
     source = f"{train.resolve()} {stat.st_size} {int(stat.st_mtime)} {encoder.fingerprint} {hnsw}"
+    if static_model is not None:
+        source += f" static {static_model.fingerprint}"
     stamp = root.parent / f"{root.name}.source"
     if stamp.exists() and stamp.read_text() == source and (root / "current").exists():
         print(f"index: reusing {root} (built from {train.name})")
@@ -78,7 +92,7 @@ def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = Fal
     # Explicit either way: the default switches to HNSW above index.exact_max (5,000).
     settings = IndexSettings(exact_max=1) if hnsw else IndexSettings(exact_max=10**9)
     build_index([train], root, encoder, progress=False, encoder_path=encoder_dir,
-                settings=settings)
+                settings=settings, static_model=static_model)
     stamp.write_text(source)
     print(f"index: built from {train} in {time.perf_counter() - start:.1f} s")
     return root
@@ -184,7 +198,7 @@ def local_block(router: Router, texts: list[str], out: list[float]) -> None:
 
 async def paired_latencies(
     addrs: list[str], index: Path, encoder_dir: Path, texts: list[str], block: int = 25,
-    threads: int = 2,
+    threads: int = 2, two_stage: bool = False,
 ) -> Paired:
     """``Router.route()`` in this process (no gRPC), 1-client Route calls to each server in
     ``addrs`` with each client kind, and empty calls, on the same queries, in alternating
@@ -198,7 +212,8 @@ async def paired_latencies(
     from semroute.serve import limit_blas_threads
 
     limit_blas_threads()  # as `serve router` does: in process and served alike
-    settings = Settings(encoder=EncoderSettings(cache_size=0, threads=threads))
+    settings = Settings(encoder=EncoderSettings(cache_size=0, threads=threads,
+                                                two_stage=two_stage))
     router = Router.load(index, settings, encoder_path=encoder_dir)
     for text in texts[-200:]:  # warm-up (not measured)
         router.route(text)
@@ -318,6 +333,7 @@ class Variant:
     hnsw: bool = False
     settings: tuple[str, ...] = ()  # SECTION__FIELD=VALUE for the server
     processes: int = 1
+    two_stage: bool = False  # index with the static stage; encoder.two_stage on, both sides
 
 
 def run_variant(
@@ -329,11 +345,14 @@ def run_variant(
     manifest = json.loads((encoder_dir / "manifest.json").read_text())
     name = "index" if encoder_dir == ENCODER_DIR else f"index-{manifest['fingerprint'][7:19]}"
     name += "-hnsw" if variant.hnsw else ""
-    index = ensure_index(args.train, OUT / name, encoder_dir, hnsw=variant.hnsw)
+    name += "-static" if variant.two_stage else ""
+    index = ensure_index(args.train, OUT / name, encoder_dir, hnsw=variant.hnsw,
+                         static=variant.two_stage)
     port, metrics_port = free_port(), free_port()
     log_path = OUT / "router.log"
     overrides = {}
-    for item in [*variant.settings, *args.set]:
+    two_stage = ("encoder__two_stage=true",) if variant.two_stage else ()
+    for item in [*variant.settings, *two_stage, *args.set]:
         key, _, value = item.partition("=")
         overrides[f"SEMROUTE_{key.upper()}"] = value
     load_before = os.getloadavg()[0]
@@ -359,7 +378,8 @@ def run_variant(
             paired_latencies([addr, *other_addr], index, encoder_dir, queries[: args.single],
                              # as many encoder threads as each server process has
                              threads=2 if variant.processes == 1
-                             else max(1, (os.cpu_count() or 1) // variant.processes))
+                             else max(1, (os.cpu_count() or 1) // variant.processes),
+                             two_stage=variant.two_stage)
         )
         local, (single, *compared), single_aio = paired.local, paired.sync, paired.aio[0]
         if other is not None:
@@ -487,6 +507,10 @@ def main() -> int:
                         "the same alternating 1-client blocks")
     parser.add_argument("--defaults-only", action="store_true",
                         help="measure the default index only (no exact-flat column)")
+    parser.add_argument("--two-stage", action="store_true",
+                        help="add columns with the two-stage encoder on (an HNSW index with the "
+                        "static stage; `encoder.two_stage` on in the server and in process): "
+                        "one process, and the last --processes count when there are several")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the load phase")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
@@ -509,6 +533,10 @@ def main() -> int:
         variants.append(Variant("int8, exact flat", ENCODER_DIR))
     variants += [Variant(f"int8, HNSW32, {n} processes", ENCODER_DIR, hnsw=True, processes=n)
                  for n in counts[1:]]
+    if args.two_stage:
+        variants += [Variant("int8, HNSW32, two-stage" + (f", {n} processes" if n > 1 else ""),
+                             ENCODER_DIR, hnsw=True, processes=n, two_stage=True)
+                     for n in sorted({1, counts[-1]})]
     if args.fp32:
         variants.append(Variant("fp32, HNSW32", FP32_ENCODER_DIR, hnsw=True))
     load_at_start = os.getloadavg()[0]
@@ -577,7 +605,9 @@ search) shows what gRPC in Python costs per call on this machine, client and ser
 
 Ceiling: the encoder alone (default settings, in the benchmark process before any server
 starts, no gRPC, no search) embeds **{ceiling:,.0f} Banking77 queries/s** on both cores. That
-bounds the throughput of any client count while every call runs the encoder.
+bounds the throughput of any client count while every call runs the encoder (two-stage
+columns: only the queries the static stage passes on run it; "mean encoder batch" counts the
+batches that reached the router, whichever stage decided them).
 
 {notes}
 

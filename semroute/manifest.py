@@ -68,11 +68,15 @@ class StaticRecord:
     thresholds_key: str
     min_similarity: float = -1.0  # the static stage answers no query less close to an exemplar
     figures: Mapping[str, float] = field(default_factory=dict)
+    # Per route threshold 0.00, 0.01, ..., 1.00: the least estimated confidence at which the
+    # static stage decides a route held to that threshold (inf: never; empty: no scope fit).
+    scope_cuts: tuple[float, ...] = ()
 
     def to_json(self) -> JsonDict:
         out = asdict(self)
         out["threshold"] = self.threshold if self.threshold != float("inf") else None
         out["figures"] = dict(self.figures)
+        out["scope_cuts"] = [c if c != float("inf") else None for c in self.scope_cuts]
         return out
 
     @classmethod
@@ -87,6 +91,7 @@ class StaticRecord:
             float("inf") if threshold is None else float(threshold), int(raw["k"]),
             str(raw["thresholds_key"]), float(raw.get("min_similarity", -1.0)),
             dict(raw.get("figures") or {}),
+            tuple(float("inf") if c is None else float(c) for c in raw.get("scope_cuts") or ()),
         )
 
 

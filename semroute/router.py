@@ -83,10 +83,6 @@ class Router:
         )
         self._limits: LimitSettings = settings.limits
         self.stage_counts = stage_counts if stage_counts is not None else StageCounts()
-        self._static_stage = (
-            open_static_stage(encoder.fingerprint, index, settings, static_model)
-            if settings.encoder.two_stage and index.kind is ExemplarKind.LABELLED else None
-        )
         self._params = DecisionParams(
             temperature=self._decision.temperature,
             null_similarity=self._decision.null_similarity,
@@ -99,6 +95,12 @@ class Router:
             k=self._decision.k,
             feedback_shrinkage=self._decision.feedback_shrinkage,
             feedback_temperature=self._decision.feedback_temperature,
+        )
+        # The static stage estimates this decision's confidence where a threshold applies.
+        self._static_stage = (
+            open_static_stage(encoder.fingerprint, index, settings, static_model,
+                              params=self._params, density=index.density)
+            if settings.encoder.two_stage and index.kind is ExemplarKind.LABELLED else None
         )
 
     @property

@@ -10,7 +10,8 @@ sum, tens of microseconds instead of the transformer's milliseconds, in pure num
 
 It is much weaker than the encoder it comes from, which is why it never routes alone:
 ``semroute.two_stage`` lets it decide only where leave-one-out on the exemplars showed that it
-agrees with the full encoder, and sends every other query to the full encoder.
+agrees with the full encoder (and, where a threshold applies, where leave-routes-out showed its
+estimate of the full confidence clears it), and sends every other query to the full encoder.
 
 The directory holds ``embeddings.npy`` (vocabulary x dimension, float32, weights applied),
 ``tokenizer.json`` and ``manifest.json`` (dimension, the source encoder's fingerprint, and this

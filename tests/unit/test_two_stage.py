@@ -7,6 +7,7 @@ so these need no model; the real pair is measured by scripts/bench_two_stage.py.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from semroute.config import EncoderSettings, Settings
 from semroute.decision import DecisionParams, decide_labelled
 from semroute.errors import FingerprintMismatch
-from semroute.index import ExemplarIndex, build_index, read_manifest
+from semroute.index import ExemplarIndex, build_index, read_manifest, write_thresholds
 from semroute.manifest import StaticRecord
 from semroute.metrics import RouterMetrics
 from semroute.router import Router, effective_decision
@@ -24,10 +25,19 @@ from semroute.static_encoder import StaticEncoder, write_static_model
 from semroute.two_stage import (
     AGREEMENT_TARGET,
     MIN_ANSWERED,
+    SCOPE_GRID,
+    SCOPE_MISS,
+    StaticStage,
+    apply_map,
+    estimated_confidence,
+    fit_scope_cuts,
     largest_agreeing_prefix,
+    open_static_stage,
+    other_routes_neighbours,
+    scope_cut,
     static_votes,
 )
-from semroute.types import Policy, Query
+from semroute.types import Decision, Policy, Query
 from tests.conftest import HashEncoder, write
 
 ROUTES = 6
@@ -178,7 +188,8 @@ def test_switch_off_by_setting_runs_only_the_full_encoder(
     # Fresh texts from the same routes (an exemplar itself would always be its own neighbour).
     queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=5).splitlines()[1:]]
     off = Router(enc, index, two_stage(False), static_model=model)
-    assert not off.two_stage and Settings().encoder.two_stage is False
+    # The field default (Settings() would read SEMROUTE_ENCODER__TWO_STAGE from the environment).
+    assert not off.two_stage and EncoderSettings().two_stage is False
     decisions = off.route_batch(queries)
     assert not any(d.reason.startswith("static stage") for d in decisions)
     assert (off.stage_counts.static, off.stage_counts.full) == (0, len(queries))
@@ -236,9 +247,9 @@ def test_manifest_binds_both_fingerprints(built: tuple[HashEncoder, StaticEncode
 
 
 def test_full_encoder_fallback_still_applies_with_two_stage_on(tmp_path: Path) -> None:
-    """With a routes file whose threshold sends unsure queries to a default route, the gate is
-    fitted against those fallbacks: with two-stage on, fallbacks still happen (all from the
-    full encoder) and the static stage never falls back or abstains by itself."""
+    """With a routes file whose threshold sends unsure queries to a default route, two-stage
+    on still falls back (always by the full encoder), the static stage never falls back or
+    abstains by itself, and it falls back on no query the full encoder alone answers."""
     model = static_model(tmp_path, HashEncoder().fingerprint)
     enc = BlendEncoder(model)
     routes = write(tmp_path / "routes.yaml", "\n".join([
@@ -285,3 +296,194 @@ def test_the_one_query_vote_matches_the_vectorised_one() -> None:
     assert (w, s) == (1, pytest.approx(0.5))
     assert static_votes(np.array([[0.8, 0.8]], np.float32), np.array([[0, 1]]), tie_codes,
                         np.ones(2, np.float32), 0.05, None)[0][0] == 1
+
+
+def routes_with_default(tmp_path: Path) -> Path:
+    return write(tmp_path / "routes.yaml", "\n".join([
+        "version: 1", "default: general",
+        "targets:", "  small: {input_cost: 0.1, output_cost: 0.1, local: true}",
+        "routes:", *[f"  r{r}: {{targets: [small]}}" for r in range(ROUTES)],
+        "  general: {targets: [small]}",
+    ]) + "\n")
+
+
+def test_static_winner_below_the_live_threshold_goes_to_the_full_encoder(tmp_path: Path) -> None:
+    """With the cut equal to the threshold, the static stage decides a query its gate passes
+    exactly when its estimate of the full decision's confidence is at or above the threshold
+    in force (read from the route table), and passes it on otherwise; without a threshold the
+    estimate is not consulted. The decision's reason and confidence say so."""
+    model = static_model(tmp_path, HashEncoder().fingerprint)
+    enc = BlendEncoder(model)
+    build_index([write(tmp_path / "ex.csv", exemplar_csv())], tmp_path / "idx", enc,
+                routes_file=routes_with_default(tmp_path), progress=False, tune=False,
+                static_model=model)
+    index = ExemplarIndex.load(tmp_path / "idx")
+    queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=5).splitlines()[1:]]
+    router = Router(enc, index, two_stage(True), static_model=model)
+    plain = open_static_stage(enc.fingerprint, index, two_stage(True), model,
+                              params=router._params, density=index.density)
+    assert plain is not None
+    free = plain.decide(queries)  # no threshold: the gate alone
+    passed = [i for i, d in enumerate(free) if d is not None]
+    assert passed and all("estimated confidence" not in d.reason for d in free if d)
+
+    rec = plain.record
+    vectors = apply_map(model.encode([q.text for q in queries], normalize=False), plain._map)
+    sims, ids = plain._index.search(vectors, rec.k)
+    estimate = {i: estimated_confidence(sims[i], ids[i], index.labels, index.weights,
+                                        router._params, index.density, free[i].route)
+                for i, d in enumerate(free) if d is not None}
+    grid = tuple(i / (SCOPE_GRID - 1) for i in range(SCOPE_GRID))  # cut = threshold
+    # The grid threshold splitting the estimates most evenly (most sit near 1 here).
+    values = np.asarray(list(estimate.values()))
+    threshold = max(grid[1:-1], key=lambda t: min((values >= t).sum(), (values < t).sum()))
+    table = replace(index.route_table, threshold=threshold)
+    held = StaticStage(model, replace(rec, scope_cuts=grid), plain._index, plain._map,
+                       index.texts, index.labels, index.weights, table, 5, router._params,
+                       index.density)
+    decided = held.decide(queries)
+    assert scope_cut(grid, threshold) == threshold
+    above = {i for i, e in estimate.items() if e >= threshold}
+    assert 0 < len(above) < len(estimate)
+    assert {i for i, d in enumerate(decided) if d is not None} == above
+    for i in above:
+        d = decided[i]
+        assert d is not None and d.route == free[i].route
+        assert d.confidence == pytest.approx(estimate[i]) and d.confidence >= threshold
+        assert f"threshold {threshold:.2f}" in d.reason
+
+
+def test_thresholds_written_after_the_build_are_read_live(tmp_path: Path) -> None:
+    """Thresholds calibrated after the build keep the stage on and are applied as loaded:
+    static decisions under a calibrated threshold clear its fitted cut; a threshold no
+    confidence reaches sends every query to the full encoder (which falls back), a per-route
+    one only that route's; removing them restores the static decisions."""
+    model = static_model(tmp_path, HashEncoder().fingerprint)
+    enc = BlendEncoder(model)
+    build_index([write(tmp_path / "ex.csv", exemplar_csv())], tmp_path / "idx", enc,
+                routes_file=routes_with_default(tmp_path), progress=False, tune=False,
+                static_model=model)
+    queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=5).splitlines()[1:]]
+
+    def run() -> list[Decision]:
+        router = Router(enc, ExemplarIndex.load(tmp_path / "idx"), two_stage(True),
+                        static_model=model)
+        assert router.two_stage
+        return router.route_batch(queries)
+
+    before = run()
+    static_routes = {d.route for d in before if d.reason.startswith("static stage")}
+    assert "r0" in static_routes and len(static_routes) > 1
+    record = ExemplarIndex.load(tmp_path / "idx").manifest.static
+    assert record is not None
+    write_thresholds(tmp_path / "idx", 0.9, {})
+    cut = scope_cut(record.scope_cuts, 0.9)
+    calibrated = [d for d in run() if d.reason.startswith("static stage")]
+    assert calibrated and all(d.confidence >= cut >= 0.9 and f"{cut:.2f}, the cut" in d.reason
+               for d in calibrated)
+    write_thresholds(tmp_path / "idx", 1.01, {})
+    unreachable = run()
+    assert not any(d.reason.startswith("static stage") for d in unreachable)
+    assert all(d.fallback and d.route == "general" for d in unreachable)
+    write_thresholds(tmp_path / "idx", None, {"r0": 1.01})
+    one_held = run()
+    static = [d for d in one_held if d.reason.startswith("static stage")]
+    assert static and all(d.route != "r0" for d in static)
+    assert all(d.fallback for d, q in zip(one_held, before, strict=True) if q.route == "r0")
+    write_thresholds(tmp_path / "idx", None, {})
+    assert [d.reason for d in run()] == [d.reason for d in before]
+
+
+def test_scope_cuts_keep_the_miss_share_and_are_the_lowest_that_do() -> None:
+    """On random (confidence, estimate) pairs, each grid threshold's cut is never below the
+    threshold, lets at most SCOPE_MISS of the held-back rows through, and the next lower
+    estimate among them would let more through; rows the gate does not pass (NaN) never
+    count. The lookup takes the grid point at or above a live threshold."""
+    rng = np.random.default_rng(4)
+    conf = rng.random(5000).astype(np.float32)
+    estimate = np.clip(conf + rng.normal(0, 0.15, 5000), 0, 1).astype(np.float32)
+    estimate[rng.random(5000) < 0.3] = np.nan
+    cuts = fit_scope_cuts(conf, estimate)
+    assert len(cuts) == SCOPE_GRID
+    for i, cut in enumerate(cuts):
+        t = i / (SCOPE_GRID - 1)
+        below = conf < t
+        seen = estimate[below & np.isfinite(estimate)]
+        allowed = int(SCOPE_MISS * below.sum())
+        if not np.isfinite(cut):
+            assert (seen > 1.0).sum() <= allowed < len(seen)
+            continue
+        assert cut >= t and (seen >= cut).sum() <= allowed
+        lower = seen[seen < cut]
+        if cut > t and lower.size:
+            assert (seen >= lower.max()).sum() > allowed
+    assert scope_cut(cuts, 0.421) == max(0.421, cuts[43])
+    assert scope_cut(cuts, 0.42) == max(0.42, cuts[42])
+    assert scope_cut((), 0.5) == float("inf") and scope_cut(cuts, 1.5) == float("inf")
+    assert scope_cut(cuts, 0.0) == 0.0
+
+
+def test_other_routes_neighbours_skip_the_own_route() -> None:
+    """The leave-routes-out search returns, for each row, the k most similar exemplars of
+    other labels in order (brute force agrees), and -1 where fewer exist."""
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=(60, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    codes = rng.integers(0, 4, size=60).astype(np.int64)
+    rows = np.arange(60, dtype=np.int64)
+    sims, ids = other_routes_neighbours(v, codes, rows, 5, block=7)
+    full = v @ v.T
+    for r in rows:
+        others = np.flatnonzero(codes != codes[r])
+        best = others[np.argsort(-full[r, others], kind="stable")[:5]]
+        assert np.allclose(sims[r], full[r, best], atol=1e-6)
+        assert (codes[ids[r]] != codes[r]).all()
+    two = np.array([0, 0, 1], dtype=np.int64)
+    _, i2 = other_routes_neighbours(v[:3], two, np.arange(3, dtype=np.int64), 2)
+    assert (i2[:2, 1] == -1).all() and (i2[:2, 0] == 2).all() and set(i2[2]) == {0, 1}
+
+
+def test_build_stores_a_cut_for_every_grid_threshold(
+    built: tuple[HashEncoder, StaticEncoder, Path],
+) -> None:
+    """An index built with the static stage records a cut per grid threshold, never below the
+    threshold, and survives the manifest's JSON round trip (inf as null)."""
+    _, _, root = built
+    record = read_manifest(ExemplarIndex.load(root).path).static
+    assert record is not None and len(record.scope_cuts) == SCOPE_GRID
+    assert all(c >= i / (SCOPE_GRID - 1) for i, c in enumerate(record.scope_cuts))
+    assert record.figures["scope_rows"] > 0
+    odd = replace(record, scope_cuts=(float("inf"),) * SCOPE_GRID)
+    assert StaticRecord.from_json(odd.to_json()) == odd
+
+
+def test_the_estimate_is_the_full_decisions_confidence_formula() -> None:
+    """``estimated_confidence`` over some neighbours equals the confidence ``decide_labelled``
+    gives over the same neighbours when its winner is the route asked: with an abstention
+    model and densities, with out-of-scope exemplars among the neighbours, and without a
+    model (the vote share)."""
+    from semroute.abstain import FEATURES, AbstainModel
+    from semroute.types import OUT_OF_SCOPE, Route, RouteTable, Target
+
+    rng = np.random.default_rng(6)
+    names = ["a", "b", "c", OUT_OF_SCOPE]
+    labels = np.asarray(rng.choice(names, size=80, p=[0.4, 0.3, 0.2, 0.1]), dtype=np.str_)
+    weights = rng.uniform(0.5, 2.0, size=80).astype(np.float32)
+    density = rng.uniform(0.3, 0.9, size=80).astype(np.float32)
+    model = AbstainModel(FEATURES, tuple(rng.uniform(0.2, 0.8, 5)), tuple(rng.uniform(0.1, 0.3, 5)),
+                         tuple(rng.normal(0, 1, 5)), 0.4)
+    table = RouteTable({n: Route(n, (n,)) for n in ["a", "b", "c", "other"]},
+                       {n: Target(n) for n in ["a", "b", "c", "other"]}, default_route="other")
+    checked = 0
+    for abstain in (model, None):
+        params = DecisionParams(temperature=0.05, null_similarity=0.4, abstain=abstain)
+        for _ in range(200):
+            ids = rng.choice(80, size=10, replace=False).astype(np.int64)
+            sims = np.sort(rng.uniform(0.3, 0.95, size=10)).astype(np.float32)[::-1].copy()
+            d = decide_labelled(sims, ids, labels, weights, table, Policy(), params, density)
+            if d.fallback:
+                continue
+            got = estimated_confidence(sims, ids, labels, weights, params, density, d.route)
+            assert got == pytest.approx(d.confidence, rel=1e-4, abs=1e-6)
+            checked += 1
+    assert checked > 100
