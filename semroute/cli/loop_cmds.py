@@ -43,6 +43,11 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     pr.add_argument("version", metavar="VERSION", help="version name or version directory")
     pr.add_argument("--reason", required=True, help="why (recorded)")
     pr.add_argument("--by", default=None, help="who (recorded) [user@host]")
+    pr.add_argument("--if-better", action="store_true",
+                    help="promote only when the held-out replay `semroute learn` recorded for "
+                    "VERSION (OUT/learned-VERSION.json) scores it above the version it was "
+                    "learnt from, and that version is the one DIR serves; otherwise exit 1 "
+                    "and leave DIR as it is")
     pr.set_defaults(handler=_promote)
     rb = groups["index"].add_parser(
         "rollback", help="switch back to the previously promoted index version (recorded)",
@@ -82,7 +87,7 @@ def _learn(args: argparse.Namespace) -> int:
     from semroute.cli import settings_from_args
     from semroute.errors import ConfigError
     from semroute.index import build_index, resolve_version_dir
-    from semroute.loop.learn import prepare_learning, replay
+    from semroute.loop.learn import ReplayVerdict, prepare_learning, replay, replay_record
     from semroute.loop.store import open_store, redact_url
     from semroute.router import Router
 
@@ -113,26 +118,46 @@ def _learn(args: argparse.Namespace) -> int:
         )
     provenance = {"serving_version": serving_dir.name, "log": redact_url(args.log),
                   **learnt.provenance()}
-    (args.out / f"learned-{version.name}.json").write_text(json.dumps(provenance, indent=2))
     candidate = Router.load(version, settings, encoder_path=None)
-    before = replay(lambda text: serving.route(text).target, learnt.holdout)
-    after = replay(lambda text: candidate.route(text).target, learnt.holdout)
-    summary = {"candidate": str(version), **provenance,
-               "holdout_replay": {"serving": before.as_dict(), "candidate": after.as_dict()}}
+    verdict = ReplayVerdict(replay(lambda text: serving.route(text).target, learnt.holdout),
+                            replay(lambda text: candidate.route(text).target, learnt.holdout))
+    summary = {"candidate": str(version), **provenance, "holdout_replay": verdict.as_dict()}
+    # `index promote --if-better` reads the replay back from here
+    replay_record(version).write_text(json.dumps(
+        {**provenance, "holdout_replay": verdict.as_dict()}, indent=2))
+    before, after = verdict.serving, verdict.candidate
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"candidate {version} from {len(learnt.train)} feedback rows "
               f"({learnt.skipped_no_text} without text, {learnt.skipped_low_score} low-score)")
         print(f"held-out replay ({len(learnt.holdout)} rows): serving {before.as_dict()}, "
-              f"candidate {after.as_dict()}")
+              f"candidate {after.as_dict()}; "
+              f"{'prefers' if verdict.prefers_candidate else 'does not prefer'} the candidate")
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from semroute.loop.promote import promote
+    from semroute.loop.learn import read_verdict
+    from semroute.loop.promote import promote, serving_version, version_dir
 
-    entry = promote(args.root, args.version, reason=args.reason, by=args.by)
+    reason = args.reason
+    if args.if_better:
+        verdict = read_verdict(version_dir(args.root, args.version))
+        serving = serving_version(args.root)
+        if verdict.against and verdict.against != serving:
+            print(f"not promoted: the held-out replay compared the candidate with "
+                  f"{verdict.against}, but {args.root} serves {serving or 'nothing'}; run "
+                  "`semroute learn` against the version serving, or promote without --if-better")
+            return 1
+        figures = (f"held-out replay: serving {verdict.serving.weighted_score}, candidate "
+                   f"{verdict.candidate.weighted_score} ({verdict.candidate.matched} of "
+                   f"{verdict.candidate.rows} rows matched)")
+        if not verdict.prefers_candidate:
+            print(f"not promoted: {figures}; {args.root} left as it was")
+            return 1
+        reason = f"{reason} [{figures}]"
+    entry = promote(args.root, args.version, reason=reason, by=args.by)
     print(f"promoted {entry.version} (was {entry.previous or 'none'}) in {args.root}")
     return 0
 

@@ -282,6 +282,69 @@ class ReplayScore:
         return {"matched": self.matched, "rows": self.rows, "mean_score": r4(self.mean_score),
                 "weighted_score": r4(self.weighted_score)}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReplayScore:
+        """The inverse of ``as_dict`` (its figures are rounded to 4 decimals)."""
+        def opt(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(int(data["matched"]), int(data["rows"]), opt("mean_score"),
+                   opt("weighted_score"))
+
+
+@dataclass(frozen=True)
+class ReplayVerdict:
+    """Serving and candidate replayed on the same held-out feedback rows.
+
+    ``prefers_candidate`` only when both matched at least one row and the candidate's
+    ``weighted_score`` is strictly higher: no evidence (a side that matched nothing) or a tie
+    keeps the version serving, so a promotion guarded by it never acts on nothing."""
+
+    serving: ReplayScore
+    candidate: ReplayScore
+    against: str = ""  # the serving version's name the replay ran against ('' not recorded)
+
+    @property
+    def prefers_candidate(self) -> bool:
+        s, c = self.serving.weighted_score, self.candidate.weighted_score
+        return s is not None and c is not None and c > s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"serving": self.serving.as_dict(), "candidate": self.candidate.as_dict(),
+                "prefers_candidate": self.prefers_candidate}
+
+
+def replay_record(version_dir: Path) -> Path:
+    """Where ``semroute learn`` writes a candidate's provenance and held-out replay: in the
+    ``--out`` root the version was built under (``OUT/versions/V`` -> ``OUT/learned-V.json``)."""
+    root = version_dir.parent.parent if version_dir.parent.name == "versions" else \
+        version_dir.parent
+    return root / f"learned-{version_dir.name}.json"
+
+
+def read_verdict(version_dir: Path) -> ReplayVerdict:
+    """The held-out replay ``semroute learn`` recorded for ``version_dir``. Raises ConfigError
+    naming the file when there is none (a version not made by ``learn``, or copied away from
+    its record) or it holds no replay."""
+    version_dir = Path(version_dir).resolve()
+    record = replay_record(version_dir)
+    if not record.exists():
+        raise ConfigError(
+            f"{record}: no held-out replay recorded for {version_dir.name} (`semroute learn "
+            "--holdout` writes it beside the candidate); give the candidate's directory from "
+            "`learn --out`, or promote without --if-better"
+        )
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        replayed = data["holdout_replay"]
+        return ReplayVerdict(ReplayScore.from_dict(replayed["serving"]),
+                             ReplayScore.from_dict(replayed["candidate"]),
+                             str(data.get("serving_version", "")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{record}: no readable holdout_replay in it ({exc!r}); rerun "
+                          "`semroute learn`") from exc
+
 
 def replay(choose: Any, rows: list[LearnedRow]) -> ReplayScore:
     """``choose(text) -> target`` replayed on ``rows`` (see ``ReplayScore``)."""

@@ -156,6 +156,19 @@ def _check(root: Path, version_dir: Path) -> None:
             )
 
 
+def version_dir(root: Path, version: str) -> Path:
+    """Where VERSION is, as ``promote`` reads it, without copying anything: a name under
+    ``ROOT/versions``, else a version directory elsewhere (symlinks resolved).
+    Raises IndexNotFound as ``promote`` does."""
+    named = Path(root) / "versions" / version
+    if "/" not in version and (named / MANIFEST).exists():
+        return named.resolve()
+    given = Path(version)
+    if (given / MANIFEST).exists():
+        return given.resolve()
+    return _version_dir(Path(root), version)  # raises, listing the versions there are
+
+
 def _version_dir(root: Path, version: str) -> Path:
     versions = root / "versions"
     named = versions / version

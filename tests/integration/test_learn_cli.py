@@ -1,5 +1,6 @@
 """`semroute learn` end to end on the real encoder: decisions and feedback in a SQLite log become
-a candidate outcome index next to the serving one, with provenance and a held-out replay."""
+a candidate outcome index next to the serving one, with provenance and a held-out replay that
+`index promote --if-better` reads back."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def test_learn_builds_a_candidate_from_feedback(tmp_path: Path, encoder_dir: Pat
         (tmp_path / "cand" / f"learned-{Path(summary['candidate']).name}.json").read_text()
     )
     assert provenance["time_range"][0] >= now - 100
+    # the replay is recorded beside the candidate, and `promote --if-better` acts on it
+    verdict = summary["holdout_replay"]
+    assert provenance["holdout_replay"] == verdict
+    assert isinstance(verdict["prefers_candidate"], bool)
+    promoted = run_cli("index", "promote", str(tmp_path / "serving"), summary["candidate"],
+                       "--reason", "learnt", "--if-better", check=False)
+    assert promoted.returncode == (0 if verdict["prefers_candidate"] else 1), promoted.stderr
+    serving_now = (tmp_path / "serving" / "current").resolve().name
+    assert (serving_now == Path(summary["candidate"]).name) is verdict["prefers_candidate"]
