@@ -351,7 +351,7 @@ def run_variant(
     port, metrics_port = free_port(), free_port()
     log_path = OUT / "router.log"
     overrides = {}
-    two_stage = ("encoder__two_stage=true",) if variant.two_stage else ()
+    two_stage = (f"encoder__two_stage={'true' if variant.two_stage else 'false'}",)
     for item in [*variant.settings, *two_stage, *args.set]:
         key, _, value = item.partition("=")
         overrides[f"SEMROUTE_{key.upper()}"] = value
@@ -507,10 +507,10 @@ def main() -> int:
                         "the same alternating 1-client blocks")
     parser.add_argument("--defaults-only", action="store_true",
                         help="measure the default index only (no exact-flat column)")
-    parser.add_argument("--two-stage", action="store_true",
-                        help="add columns with the two-stage encoder on (an HNSW index with the "
-                        "static stage; `encoder.two_stage` on in the server and in process): "
-                        "one process, and the last --processes count when there are several")
+    parser.add_argument("--no-two-stage", dest="two_stage", action="store_false",
+                        help="leave out the two-stage columns (the default encoder.two_stage on, "
+                        "an HNSW index with the static stage: one process, and the last "
+                        "--processes count when there are several)")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the load phase")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__FIELD=VALUE",
@@ -526,7 +526,8 @@ def main() -> int:
     queries = read_texts(args.queries)
     counts = [int(n) for n in args.processes.split(",")]
     variants = [
-        Variant("int8, HNSW32 (defaults)" + (f", {counts[0]} processes" if counts[0] > 1 else ""),
+        Variant("int8, HNSW32, full encoder" + (f", {counts[0]} processes" if counts[0] > 1
+                                                else ""),
                 ENCODER_DIR, hnsw=True, processes=counts[0]),
     ]
     if not args.defaults_only:
@@ -534,7 +535,8 @@ def main() -> int:
     variants += [Variant(f"int8, HNSW32, {n} processes", ENCODER_DIR, hnsw=True, processes=n)
                  for n in counts[1:]]
     if args.two_stage:
-        variants += [Variant("int8, HNSW32, two-stage" + (f", {n} processes" if n > 1 else ""),
+        variants += [Variant("int8, HNSW32, two-stage (defaults)"
+                             + (f", {n} processes" if n > 1 else ""),
                              ENCODER_DIR, hnsw=True, processes=n, two_stage=True)
                      for n in sorted({1, counts[-1]})]
     if args.fp32:
@@ -578,6 +580,9 @@ def main() -> int:
 Command: `.venv/bin/python {command}`, {when}.
 Index: Banking77 train, 10,003 rows (9,999 after exact duplicates are dropped), 77 routes;
 HNSW32 (efSearch 64, the default above 5,000 exemplars) or exact flat, as each column says.
+Two-stage columns: the same HNSW index plus the static stage (`semroute index build` adds it
+after `make setup`), `encoder.two_stage` on (the default) in the server and in process; the
+other columns have no static stage, so every call runs the full encoder.
 Queries: Banking77 test, short customer questions, distinct. Server:
 `semroute serve router` in its own process(es), default settings (batch_max 32, batch_wait_ms 1,
 2 worker threads, encoder 2 threads; with `--processes N`, N processes on one port, each with

@@ -256,8 +256,8 @@ the full encoder decides and its abstention applies. Without a threshold (the ro
 the cut is not consulted.
 
 {"Every target is met in this run." if all_met else "Not every target is met in this run."}
-The static stage is off by default; turn it on with `encoder.two_stage` (environment:
-`SEMROUTE_ENCODER__TWO_STAGE=1`) on an index built with the static model.
+The static stage is on by default (`encoder.two_stage`; off: `SEMROUTE_ENCODER__TWO_STAGE=0`)
+for indexes built with the static model, as `semroute index build` does after `make setup`.
 """
     if args.no_write:
         print(body)

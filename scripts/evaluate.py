@@ -575,7 +575,10 @@ def write_doc(b77: dict[str, Report], calibrated: tuple[Report, Any], proxy: dic
         "`semroute index build`, `calibrate` and `eval labels|outcomes`, and rewrites this file and",
         "`docs/img/`. Encoder: the stock all-MiniLM-L6-v2, the served int8 ONNX export",
         "(`make setup`); routing is an embedding plus a FAISS lookup, no LLM call. Every index is a",
-        "default build: no tuning flags, the build chooses its own settings. Last run: "
+        "default build: no tuning flags, the build chooses its own settings. Decisions are the",
+        "full encoder's: the indexes carry no static stage, so the two-stage encoder (on by",
+        "default for indexes `semroute index build` makes after `make setup`) does not run; what it",
+        "changes (0.5% of Banking77 decisions) is in docs/BENCHMARKS.md, `bench:two_stage`. Last run: "
         f"{seconds / 60:.1f} minutes on a 2-core box (embeddings cached in `out/cache/`).",
         "",
         *targets_table(b77, proxy, lr, mm),

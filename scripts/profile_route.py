@@ -6,6 +6,7 @@
     .venv/bin/python scripts/profile_route.py --ab DIR --clients 64   # routes/s vs another tree
     .venv/bin/python scripts/profile_route.py --floor     # empty call: client x server kind
     .venv/bin/python scripts/profile_route.py --path      # our Python per Route call, no gRPC
+    .venv/bin/python scripts/profile_route.py --designs   # Route by server design (writes docs)
 
 A router server (the same code as ``semroute serve router``: interceptor, servicer, coalescer,
 worker threads) and one grpc.aio client run in this process on the Banking77 index of
@@ -28,6 +29,16 @@ and the servicer (conversions, checks, arm, coalescer, annotations) around a dec
 already made, called directly on the event loop with a stand-in context; then the work
 scheduled after the reply (metrics, the ``rpc`` log line rendered to /dev/null, arm counts).
 CPU time, not a round trip, so it holds on a busy machine.
+
+``--designs`` asks whether the 1-client target (gRPC p50 <= in-process p50 + 0.6 ms) is
+within reach of any Python gRPC server on this machine: the same Route call (our protobuf
+conversions around ``Router.route_batch``, run inline in the handler) served by a bare
+synchronous ``grpc.server`` (thread pool), by a bare ``grpc.aio`` server, by that aio server
+with semroute's ``CallInterceptor`` (request id, access log, metrics), and by ``semroute serve
+router``, each its own process, against in-process routing, called by the blocking stub in
+rotating blocks of 25; and in process with an idle gap before each call (a served call
+always follows one: the round trip), which shows what a gap alone costs the encoder. Writes
+the ``bench:grpc_designs`` section of docs/BENCHMARKS.md (``--no-write``: print only).
 
 ``--threads`` needs no profiler: it reads each thread's CPU time from /proc before and after
 ``--calls`` in-process ``route()`` calls, then the same queries as 1-client and ``--clients``
@@ -105,9 +116,19 @@ def main() -> int:
                         help=argparse.SUPPRESS)  # --floor's bare servers (aio or sync)
     parser.add_argument("--path", action="store_true",
                         help="our Python per Route call, gRPC taken out (see the docstring)")
+    parser.add_argument("--designs", action="store_true",
+                        help="1-client Route p50 by server design against in-process routing "
+                        "(writes the bench:grpc_designs section)")
+    parser.add_argument("--route-server", nargs=2, metavar=("KIND", "PORT"),
+                        help=argparse.SUPPRESS)  # --designs' bare Route servers
+    parser.add_argument("--no-write", action="store_true", help="--designs: print only")
     args = parser.parse_args()
     if args.path:
         return path_main(args)
+    if args.route_server:
+        return route_server(args.route_server[0], int(args.route_server[1]))
+    if args.designs:
+        return designs_main(args)
     if args.echo_server:
         return echo_server(args.echo_server[0], int(args.echo_server[1]))
     if args.floor:
@@ -530,6 +551,180 @@ def floor_main(args: argparse.Namespace) -> int:
         lat.sort()
         print(f"{name} | {client} | {statistics.median(lat) * 1000:.3f} | "
               f"{lat[int(0.9 * len(lat))] * 1000:.3f}")
+    return 0
+
+
+# ---- Route by server design (--designs) ----------------------------------------------------------
+
+DESIGNS = {
+    "sync": "bare grpc.server (thread pool), route inline",
+    "aio": "bare grpc.aio server, route inline",
+    "aio-interceptor": "bare grpc.aio server + semroute's CallInterceptor, route inline",
+}
+IDLE_GAPS_S = (0.0, 0.0015, 0.005)
+
+
+def _design_router() -> Any:
+    from semroute.config import EncoderSettings, Settings
+    from semroute.router import Router
+    from semroute.serve import limit_blas_threads
+
+    limit_blas_threads()  # as `serve router` does
+    return Router.load(bench_grpc.OUT / "index-hnsw",
+                       Settings(encoder=EncoderSettings(cache_size=0, threads=2)),
+                       encoder_path=benchlib.ENCODER_DIR)
+
+
+def route_server(kind: str, port: int) -> int:
+    """A bare server answering semroute's Route with the same conversions and decision as
+    ``serve router`` and nothing else (no coalescer, health, arms; ``aio-interceptor``: plus
+    the standard interceptor, its log lines to /dev/null)."""
+    import concurrent.futures
+
+    import grpc
+
+    from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
+    from semroute.grpc import convert
+
+    router = _design_router()
+    address, options = f"127.0.0.1:{port}", [("grpc.so_reuseport", 0)]
+
+    def decide(request: Any) -> Any:
+        return convert.decision_to_proto(router.route_batch([convert.query_from_proto(request)])[0])
+
+    if kind == "sync":
+        class SyncServicer(pb_grpc.RouterServicer):  # type: ignore[misc]
+            def Route(self, request: Any, context: Any) -> Any:
+                return decide(request)
+
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2),
+                             options=options)
+        pb_grpc.add_RouterServicer_to_server(SyncServicer(), server)
+        server.add_insecure_port(address)
+        server.start()
+        server.wait_for_termination()
+        return 0
+
+    interceptors: list[Any] = []
+    if kind == "aio-interceptor":
+        from semroute.auth import TokenSet
+        from semroute.config import LogSettings
+        from semroute.grpc.interceptors import standard_interceptors
+        from semroute.logs import configure_logging
+        from semroute.metrics import RouterMetrics
+
+        sys.stderr = Path("/dev/null").open("w")  # noqa: SIM115 - the process's log sink
+        configure_logging(LogSettings.model_validate({}))
+        interceptors = standard_interceptors(TokenSet(), on_done=RouterMetrics().rpc.observe)
+
+    class AioServicer(pb_grpc.RouterServicer):  # type: ignore[misc]
+        async def Route(self, request: Any, context: Any) -> Any:
+            return decide(request)
+
+    async def serve() -> None:
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_RouterServicer_to_server(AioServicer(), server)
+        server.add_insecure_port(address)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+    return 0
+
+
+def designs_main(args: argparse.Namespace) -> int:
+    from semroute.grpc.router_client import SyncRouterClient
+    from semroute.grpc.router_workers import _die_with_parent
+
+    load_at_start = os.getloadavg()[0]
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
+                                    benchlib.ENCODER_DIR, hnsw=True)
+    texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
+    calls = min(args.calls, len(texts) - 200)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    addrs: dict[str, str] = {}
+    for kind, label in DESIGNS.items():
+        port = bench_grpc.free_port()
+        procs[label] = subprocess.Popen([sys.executable, __file__, "--route-server", kind,
+                                         str(port)], preexec_fn=_die_with_parent())
+        addrs[label] = f"127.0.0.1:{port}"
+    port = bench_grpc.free_port()
+    serve_label = "semroute serve router (defaults, cache off, INFO logs to a file)"
+    log_path = bench_grpc.OUT / "router-designs.log"
+    procs[serve_label] = bench_grpc.start_server(index, benchlib.ENCODER_DIR, port,
+                                                 bench_grpc.free_port(), log_path, {})
+    addrs[serve_label] = f"127.0.0.1:{port}"
+    clients: dict[str, SyncRouterClient] = {}
+    local = "in process, no gap"
+    gaps = {f"in process, {gap * 1000:g} ms idle before each call": gap
+            for gap in IDLE_GAPS_S[1:]}
+    try:
+        asyncio.run(bench_grpc.wait_serving(addrs[serve_label], procs[serve_label], log_path))
+        router = _design_router()
+        for label, addr in addrs.items():
+            client = SyncRouterClient(addr, timeout=30)
+            for _ in range(300):  # the bare servers load the index in a few seconds
+                try:
+                    client.route("warm up")
+                    break
+                except Exception:
+                    time.sleep(0.2)
+            clients[label] = client
+        for text in texts[-200:]:  # warm-up, not measured
+            router.route(text)
+            for client in clients.values():
+                client.route(text)
+        order = [local, *gaps, *clients]
+        latencies: dict[str, list[float]] = {name: [] for name in order}
+        for block, first in enumerate(range(0, calls, 25)):
+            part = texts[first:first + 25]
+            turn = block % len(order)
+            for name in order[turn:] + order[:turn]:  # each takes its turn to go first
+                out, gap = latencies[name], gaps.get(name, 0.0)
+                for text in part:
+                    if gap:
+                        time.sleep(gap)
+                    start = time.perf_counter()
+                    if name in clients:
+                        clients[name].route(text)
+                    else:
+                        router.route(text)
+                    out.append(time.perf_counter() - start)
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    base = statistics.median(latencies[local])
+    rows = [f"| {name} | {statistics.median(v) * 1000:.2f} ms | "
+            f"{(statistics.median(v) - base) * 1000:+.2f} ms |" for name, v in latencies.items()]
+    body = f"""## Route by server design (`scripts/profile_route.py --designs`)
+
+Command: `.venv/bin/python scripts/profile_route.py --designs`, {benchlib.machine()}
+(load average {load_at_start:.2f} before the servers started).
+Is issue 15's 1-client target (gRPC p50 <= in-process p50 + 0.6 ms) within reach of a Python
+gRPC server here? The same Route call (our protobuf conversions around `Router.route_batch`,
+run inline in the handler, int8 encoder on 2 threads, embedding cache off, the bench_grpc
+HNSW index) served four ways, each server its own process, called by grpc's blocking stub
+(`SyncRouterClient`), against in-process routing; {calls} Banking77 test queries each, in
+rotating blocks of 25 (each row takes its turn to go first). The bare servers have no
+coalescer, health service, arms, auth or logs: nothing of semroute's but the decision and its
+conversions. The "idle" rows route in process after sleeping before each call: a served call
+always follows an idle gap (the round trip), and the encoder runs slower after one.
+
+| set-up | p50 | minus in process, no gap |
+|---|---|---|
+{chr(10).join(rows)}
+
+`profile_route.py --floor` gives the empty call (no routing) on the same kinds of server.
+"""
+    print(body)
+    if not args.no_write:
+        benchlib.write_section("grpc_designs", body)
     return 0
 
 

@@ -41,10 +41,12 @@ class EncoderSettings(BaseModel):
     batch_size: int = Field(64, ge=1, description="texts per encoder batch when building")
     cache_size: int = Field(4096, ge=0, description="LRU cache of query embeddings (0 = off)")
     two_stage: bool = Field(
-        False,
+        True,
         description="let the static model decide alone where the index's leave-one-out gate "
-        "says it agrees with the full encoder (semroute.two_stage); other queries run the "
-        "full encoder. Needs an index built with a static model",
+        "says it agrees with the full encoder and, under a threshold, where its estimate of "
+        "the full decision's confidence clears the cut fitted for it (semroute.two_stage); "
+        "other queries run the full encoder. Only for labelled indexes built with a static "
+        "model (`index build` adds one when `make setup` distilled it); otherwise no effect",
     )
     static_path: Path = Field(
         DEFAULT_STATIC_DIR,

@@ -29,7 +29,9 @@ from semroute.types import OUT_OF_SCOPE
 
 if TYPE_CHECKING:
     from semroute.config import Settings
+    from semroute.index import ExemplarIndex
     from semroute.router import Router
+    from semroute.static_encoder import StaticEncoder
 
 log = get_logger(__name__)
 
@@ -186,6 +188,10 @@ def calibrate_index(
     ``calibrate_router``."""
     from semroute.router import Router
 
+    # Thresholds are set on the full decision's confidence: the two-stage encoder's static
+    # stage estimates it and consults them, so it must not be what they are fitted on.
+    settings = settings.model_copy(update={
+        "encoder": settings.encoder.model_copy(update={"two_stage": False})})
     router = Router.load(index_path, settings, encoder_path=encoder_path)
     return calibrate_router(router, val_csv, precision=precision, coverage=coverage,
                             in_scope_coverage=in_scope_coverage, per_route=per_route,
@@ -304,7 +310,29 @@ def add_out_of_scope_exemplars(
         ExemplarSet(ExemplarKind.LABELLED, rows), manifest.route_table, index.path.parent.parent,
         router.encoder, settings=settings, decision=router.settings.decision, progress=False,
         encoder_path=Path(manifest.encoder.path) if manifest.encoder.path else None,
-        tune=bool(manifest.tuning),
+        tune=bool(manifest.tuning), static_model=_static_model_of(index, router),
     )
     log.info("out_of_scope_exemplars_added", rows=len(new), index=str(version_dir))
     return router.with_index(ExemplarIndex.load(version_dir)), len(new)
+
+
+def _static_model_of(index: ExemplarIndex, router: Router) -> StaticEncoder | None:
+    """The static model ``index`` was built with (two-stage encoder), so a version grown from
+    it keeps its static stage; None when it has none or that model is gone or no longer fits
+    (the new version is then built without one, as ``index build --no-static`` would)."""
+    from semroute.static_encoder import MANIFEST, StaticEncoder
+
+    record = index.manifest.static
+    if record is None:
+        return None
+    for candidate in (Path(record.path) if record.path else None,
+                      router.settings.encoder.static_path):
+        if candidate is None or not (candidate / MANIFEST).exists():
+            continue
+        model = StaticEncoder.load(candidate)
+        if (model.fingerprint == record.fingerprint
+                and model.source_fingerprint == router.encoder.fingerprint):
+            return model
+    log.warning("static_stage_not_kept", why=f"static model {record.path} is missing or "
+                "does not fit; the new version has no static stage (two-stage off for it)")
+    return None

@@ -135,6 +135,9 @@ class _Loop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            # An unclosed loop warns when garbage collected, in whichever test runs then.
+            self.loop.close()
 
 
 @dataclass

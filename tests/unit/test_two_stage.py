@@ -180,7 +180,7 @@ def test_prefix_choice_is_the_widest_that_keeps_the_target() -> None:
 def test_switch_off_by_setting_runs_only_the_full_encoder(
     built: tuple[HashEncoder, StaticEncoder, Path],
 ) -> None:
-    """two_stage off (the default setting): no static decisions, every decision counted as
+    """two_stage off: no static decisions, every decision counted as
     the full encoder's. On: some decisions say "static stage" and are counted as such, and a
     query with history or with no known word goes to the full encoder."""
     enc, model, root = built
@@ -188,8 +188,8 @@ def test_switch_off_by_setting_runs_only_the_full_encoder(
     # Fresh texts from the same routes (an exemplar itself would always be its own neighbour).
     queries = [Query(line.rsplit(",", 1)[0]) for line in exemplar_csv(seed=5).splitlines()[1:]]
     off = Router(enc, index, two_stage(False), static_model=model)
-    # The field default (Settings() would read SEMROUTE_ENCODER__TWO_STAGE from the environment).
-    assert not off.two_stage and EncoderSettings().two_stage is False
+    # On by default (Settings() would read SEMROUTE_ENCODER__TWO_STAGE from the environment).
+    assert not off.two_stage and EncoderSettings().two_stage is True
     decisions = off.route_batch(queries)
     assert not any(d.reason.startswith("static stage") for d in decisions)
     assert (off.stage_counts.static, off.stage_counts.full) == (0, len(queries))
@@ -487,3 +487,35 @@ def test_the_estimate_is_the_full_decisions_confidence_formula() -> None:
             assert got == pytest.approx(d.confidence, rel=1e-4, abs=1e-6)
             checked += 1
     assert checked > 100
+
+
+def test_calibrate_keeps_the_static_stage_when_it_adds_out_of_scope_rows(tmp_path: Path) -> None:
+    """`calibrate` grows a new version with the validation's `oos` rows: that version keeps the
+    static stage (same static model, refitted on the grown rows), so the two-stage encoder
+    stays on after the usual build + calibrate; a static model that is gone is not faked."""
+    import shutil
+
+    from semroute.quality.calibrate import add_out_of_scope_exemplars
+
+    model = static_model(tmp_path, HashEncoder().fingerprint)
+    enc = BlendEncoder(model)
+    build_index([write(tmp_path / "ex.csv", exemplar_csv())], tmp_path / "idx", enc,
+                routes_file=routes_with_default(tmp_path), progress=False, tune=False,
+                static_model=model)
+    router = Router(enc, ExemplarIndex.load(tmp_path / "idx"), two_stage(True),
+                    static_model=model)
+    assert router.two_stage
+    oos = [f"{SHARED[i % len(SHARED)]} unrelated question number {i}" for i in range(12)]
+    grown = add_out_of_scope_exemplars(router, oos, "val.csv")
+    assert grown is not None
+    new_router, added = grown
+    assert added == len(oos)
+    record = new_router.index.manifest.static
+    assert record is not None and record.fingerprint == model.fingerprint
+    assert new_router.index.size == router.index.size + added
+    reopened = Router(enc, ExemplarIndex.load(tmp_path / "idx"), two_stage(True))
+    assert reopened.two_stage  # loads the recorded static model by itself
+
+    shutil.rmtree(model.path)  # the model is gone: the next version has no static stage
+    grown = add_out_of_scope_exemplars(reopened, [f"{t} again" for t in oos], "val.csv")
+    assert grown is not None and grown[0].index.manifest.static is None
