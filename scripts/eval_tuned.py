@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -88,15 +89,19 @@ def compare_table() -> list[str]:
         "kNN accuracy on its stratified 10%, seed 0, batch 64; one run each, so differences under",
         "about a point are noise; proxy: proxies at 100x the encoder's rate, margin 0.1):",
         "",
-        "| loss | learning rate | epochs | rows trained | held-out before | after | time |",
-        "|---|---|---|---|---|---|---|",
+        "| loss | learning rate | epochs | rows trained | held-out before | after | time "
+        "| load average at start |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for record in sorted(done.values(), key=lambda r: (r["rows_trained"], -r["after"])):
+        load = re.search(r"load average ([0-9.]+)", record.get("machine", ""))
         lines.append(
             f"| {record['loss']} | {record['learning_rate']:g} | {record['epochs']} | "
             f"{record['rows_trained']:,} | {record['before']:.4f} | {record['after']:.4f} | "
-            f"{record['seconds'] / 60:.1f} min |"
+            f"{record['seconds'] / 60:.1f} min | {load.group(1) if load else 'not recorded'} |"
         )
+    lines += ["", "Tuning runs on one torch thread, so a load average above 1 on these 2 "
+              "cores slows it: compare times at similar loads."]
     return lines
 
 
