@@ -109,6 +109,8 @@ lint: $(DEPS)
 bench: setup
 	$(BIN)/python scripts/bench_encoder.py
 	$(BIN)/python scripts/bench_route.py
+	$(BIN)/python scripts/bench_two_stage.py
+	$(BIN)/python scripts/bench_semantic_router.py
 	$(BIN)/python scripts/bench_grpc.py
 	$(BIN)/python scripts/bench_dispatch.py
 	$(BIN)/python scripts/bench_http_door.py

@@ -34,7 +34,9 @@ CPU time, not a round trip, so it holds on a busy machine.
 within reach of any Python gRPC server on this machine: the same Route call (our protobuf
 conversions around ``Router.route_batch``, run inline in the handler) served by a bare
 synchronous ``grpc.server`` (thread pool), by a bare ``grpc.aio`` server, by that aio server
-with semroute's ``CallInterceptor`` (request id, access log, metrics), and by ``semroute serve
+with semroute's ``CallInterceptor`` (request id, access log, metrics), by that aio server with
+the interceptor's per-call scope wrapped around the handler at registration instead (no
+server interceptor: what grpc.aio's interceptor machinery costs), and by ``semroute serve
 router``, each its own process, against in-process routing, called by the blocking stub in
 rotating blocks of 25; and in process with an idle gap before each call (a served call
 always follows one: the round trip), which shows what a gap alone costs the encoder. Writes
@@ -122,6 +124,10 @@ def main() -> int:
     parser.add_argument("--route-server", nargs=2, metavar=("KIND", "PORT"),
                         help=argparse.SUPPRESS)  # --designs' bare Route servers
     parser.add_argument("--no-write", action="store_true", help="--designs: print only")
+    parser.add_argument("--throughput", action="store_true",
+                        help="--designs: also routes/s at 64 clients over 16 channels, 2 "
+                        "processes, two-stage index: bare grpc.aio servers against `semroute "
+                        "serve router --processes 2`")
     args = parser.parse_args()
     if args.path:
         return path_main(args)
@@ -560,19 +566,21 @@ DESIGNS = {
     "sync": "bare grpc.server (thread pool), route inline",
     "aio": "bare grpc.aio server, route inline",
     "aio-interceptor": "bare grpc.aio server + semroute's CallInterceptor, route inline",
+    "aio-wrapped": "bare grpc.aio server, the interceptor's per-call scope wrapped around the "
+                   "handler at registration (no server interceptor), route inline",
 }
 IDLE_GAPS_S = (0.0, 0.0015, 0.005)
 
 
-def _design_router() -> Any:
+def _design_router(two_stage: bool = False, threads: int = 2) -> Any:
     from semroute.config import EncoderSettings, Settings
     from semroute.router import Router
     from semroute.serve import limit_blas_threads
 
     limit_blas_threads()  # as `serve router` does
-    return Router.load(bench_grpc.OUT / "index-hnsw",
-                       Settings(encoder=EncoderSettings(cache_size=0, threads=2)),
-                       encoder_path=benchlib.ENCODER_DIR)
+    index = bench_grpc.OUT / ("index-hnsw-static" if two_stage else "index-hnsw")
+    return Router.load(index, Settings(encoder=EncoderSettings(
+        cache_size=0, threads=threads, two_stage=two_stage)), encoder_path=benchlib.ENCODER_DIR)
 
 
 def route_server(kind: str, port: int) -> int:
@@ -586,8 +594,11 @@ def route_server(kind: str, port: int) -> int:
     from semroute._proto.semroute.v1 import router_pb2_grpc as pb_grpc
     from semroute.grpc import convert
 
-    router = _design_router()
-    address, options = f"127.0.0.1:{port}", [("grpc.so_reuseport", 0)]
+    # aio-load: one of several processes on one port (SO_REUSEPORT), the two-stage index, one
+    # encoder thread each, as `serve router --processes N` runs on N cores.
+    load = kind == "aio-load"
+    router = _design_router(two_stage=load, threads=1 if load else 2)
+    address, options = f"127.0.0.1:{port}", [("grpc.so_reuseport", 1 if load else 0)]
 
     def decide(request: Any) -> Any:
         return convert.decision_to_proto(router.route_batch([convert.query_from_proto(request)])[0])
@@ -606,16 +617,31 @@ def route_server(kind: str, port: int) -> int:
         return 0
 
     interceptors: list[Any] = []
-    if kind == "aio-interceptor":
+    scoped: Any = None
+    if kind in ("aio-interceptor", "aio-wrapped"):
         from semroute.auth import TokenSet
         from semroute.config import LogSettings
-        from semroute.grpc.interceptors import standard_interceptors
+        from semroute.grpc.interceptors import CallInterceptor, wrap_handler
         from semroute.logs import configure_logging
         from semroute.metrics import RouterMetrics
 
         sys.stderr = Path("/dev/null").open("w")  # noqa: SIM115 - the process's log sink
         configure_logging(LogSettings.model_validate({}))
-        interceptors = standard_interceptors(TokenSet(), on_done=RouterMetrics().rpc.observe)
+        interceptor = CallInterceptor(TokenSet(), on_done=RouterMetrics().rpc.observe)
+        if kind == "aio-interceptor":
+            interceptors = [interceptor]
+        else:
+            from semroute._proto.semroute.v1 import router_pb2 as pb
+
+            async def behaviour(request: Any, context: Any) -> Any:
+                return decide(request)
+
+            method = "/semroute.v1.Router/Route"
+            plain = grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=pb.RouteRequest.FromString,
+                response_serializer=pb.RouteResponse.SerializeToString)
+            scoped = grpc.method_handlers_generic_handler(
+                "semroute.v1.Router", {"Route": wrap_handler(plain, method, interceptor.scope)})
 
     class AioServicer(pb_grpc.RouterServicer):  # type: ignore[misc]
         async def Route(self, request: Any, context: Any) -> Any:
@@ -623,7 +649,10 @@ def route_server(kind: str, port: int) -> int:
 
     async def serve() -> None:
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_RouterServicer_to_server(AioServicer(), server)
+        if scoped is not None:
+            server.add_generic_rpc_handlers([scoped])
+        else:
+            pb_grpc.add_RouterServicer_to_server(AioServicer(), server)
         server.add_insecure_port(address)
         await server.start()
         await server.wait_for_termination()
@@ -699,6 +728,7 @@ def designs_main(args: argparse.Namespace) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    throughput = designs_throughput(args) if args.throughput else []
     base = statistics.median(latencies[local])
     rows = [f"| {name} | {statistics.median(v) * 1000:.2f} ms | "
             f"{(statistics.median(v) - base) * 1000:+.2f} ms |" for name, v in latencies.items()]
@@ -709,7 +739,7 @@ Command: `.venv/bin/python scripts/profile_route.py --designs`, {benchlib.machin
 Is issue 15's 1-client target (gRPC p50 <= in-process p50 + 0.6 ms) within reach of a Python
 gRPC server here? The same Route call (our protobuf conversions around `Router.route_batch`,
 run inline in the handler, int8 encoder on 2 threads, embedding cache off, the bench_grpc
-HNSW index) served four ways, each server its own process, called by grpc's blocking stub
+HNSW index) served five ways, each server its own process, called by grpc's blocking stub
 (`SyncRouterClient`), against in-process routing; {calls} Banking77 test queries each, in
 rotating blocks of 25 (each row takes its turn to go first). The bare servers have no
 coalescer, health service, arms, auth or logs: nothing of semroute's but the decision and its
@@ -720,12 +750,84 @@ always follows an idle gap (the round trip), and the encoder runs slower after o
 |---|---|---|
 {chr(10).join(rows)}
 
+{throughput_text(throughput, args)}
 `profile_route.py --floor` gives the empty call (no routing) on the same kinds of server.
 """
     print(body)
     if not args.no_write:
         benchlib.write_section("grpc_designs", body)
     return 0
+
+
+def designs_throughput(args: argparse.Namespace) -> list[tuple[str, int, float]]:
+    """Routes/s of two bare grpc.aio processes on one port (route inline, two-stage index, one
+    encoder thread each) and of `semroute serve router --processes 2` on the same index, in
+    alternating rounds of ``THROUGHPUT_S`` at 64 clients over 16 channels."""
+    from semroute.grpc.router_workers import _die_with_parent
+
+    index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv",
+                                    bench_grpc.OUT / "index-hnsw-static", benchlib.ENCODER_DIR,
+                                    hnsw=True, static=True)
+    texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
+    bare_label = "2 bare grpc.aio processes on one port, route inline"
+    serve_label = "semroute serve router --processes 2"
+    results: list[tuple[str, int, float]] = []
+    for _ in range(THROUGHPUT_ROUNDS):
+        for label in (bare_label, serve_label):
+            port = bench_grpc.free_port()
+            procs: list[subprocess.Popen[bytes]] = []
+            try:
+                if label == bare_label:
+                    procs = [subprocess.Popen(
+                        [sys.executable, __file__, "--route-server", "aio-load", str(port)],
+                        preexec_fn=_die_with_parent()) for _ in range(2)]
+                    time.sleep(8.0)  # both load the index and bind (no health service)
+                else:
+                    log_path = bench_grpc.OUT / "router-designs-load.log"
+                    procs = [bench_grpc.start_server(
+                        index, benchlib.ENCODER_DIR, port, bench_grpc.free_port(), log_path,
+                        {"SEMROUTE_ENCODER__TWO_STAGE": "true"}, processes=2)]
+                    asyncio.run(bench_grpc.wait_serving(f"127.0.0.1:{port}", procs[0],
+                                                        log_path))
+                addr = f"127.0.0.1:{port}"
+                asyncio.run(bench_grpc.concurrent_clients(addr, texts, 64, 2.0, 16))  # warm-up
+                done, elapsed, _, errors = asyncio.run(
+                    bench_grpc.concurrent_clients(addr, texts, 64, THROUGHPUT_S, 16))
+                results.append((label, done, elapsed))
+                print(f"{label}: {done / elapsed:,.0f} routes/s, {errors} failed")
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    return results
+
+
+THROUGHPUT_S = 15.0
+THROUGHPUT_ROUNDS = 2
+
+
+def throughput_text(results: list[tuple[str, int, float]], args: argparse.Namespace) -> str:
+    if not results:
+        return ""
+    by_label: dict[str, list[float]] = {}
+    for label, done, elapsed in results:
+        by_label.setdefault(label, []).append(done / elapsed)
+    rows = "\n".join(f"| {label} | {' / '.join(f'{r:,.0f}' for r in rates)} | "
+                      f"{statistics.mean(rates):,.0f} |" for label, rates in by_label.items())
+    return f"""
+Throughput (`--throughput`): 64 grpc.aio clients over 16 channels on the same 2 cores, 2
+server processes, the Banking77 index with the static stage and `encoder.two_stage` on, one
+encoder thread per process; {THROUGHPUT_ROUNDS} rounds of {THROUGHPUT_S:.0f} s each, the two
+set-ups alternating. The bare processes route inline on their event loop (no coalescer, so no
+batching) and do nothing else; issue 15's target is 1,000 routes/s.
+
+| server | routes/s per round | mean |
+|---|---|---|
+{rows}
+"""
 
 
 if __name__ == "__main__":
