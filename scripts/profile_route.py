@@ -665,7 +665,7 @@ def designs_main(args: argparse.Namespace) -> int:
     from semroute.grpc.router_client import SyncRouterClient
     from semroute.grpc.router_workers import _die_with_parent
 
-    load_at_start = os.getloadavg()[0]
+    machine = benchlib.machine()  # the load average before anything here starts
     index = bench_grpc.ensure_index(bench_grpc.DATA / "train.csv", bench_grpc.OUT / "index-hnsw",
                                     benchlib.ENCODER_DIR, hnsw=True)
     texts = bench_grpc.read_texts(bench_grpc.DATA / "test.csv")
@@ -732,10 +732,10 @@ def designs_main(args: argparse.Namespace) -> int:
     base = statistics.median(latencies[local])
     rows = [f"| {name} | {statistics.median(v) * 1000:.2f} ms | "
             f"{(statistics.median(v) - base) * 1000:+.2f} ms |" for name, v in latencies.items()]
+    flags = " --throughput" if args.throughput else ""
     body = f"""## Route by server design (`scripts/profile_route.py --designs`)
 
-Command: `.venv/bin/python scripts/profile_route.py --designs`, {benchlib.machine()}
-(load average {load_at_start:.2f} before the servers started).
+Command: `.venv/bin/python scripts/profile_route.py --designs{flags}`, {machine}.
 Is issue 15's 1-client target (gRPC p50 <= in-process p50 + 0.6 ms) within reach of a Python
 gRPC server here? The same Route call (our protobuf conversions around `Router.route_batch`,
 run inline in the handler, int8 encoder on 2 threads, embedding cache off, the bench_grpc
