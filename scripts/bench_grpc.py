@@ -69,17 +69,16 @@ def ensure_index(train: Path, root: Path, encoder_dir: Path, *, hnsw: bool = Fal
     from semroute.config import IndexSettings
     from semroute.encoder import OnnxEncoder
     from semroute.index import build_index
-    from semroute.static_encoder import StaticEncoder
 
     encoder = OnnxEncoder.load(encoder_dir, threads=2)
     static_model = None
     if static:
-        from semroute.config import EncoderSettings
+        from semroute.cli.static_cmds import static_for_build
+        from semroute.config import Settings
 
-        static_model = StaticEncoder.load(EncoderSettings().static_path)
-        if static_model.source_fingerprint != encoder.fingerprint:
-            raise SystemExit(f"{EncoderSettings().static_path} was not distilled from "
-                             f"{encoder_dir}: run `make setup`")
+        static_model = static_for_build(None, False, Settings(), encoder)
+        if static_model is None:
+            raise SystemExit(f"no static model distilled from {encoder_dir}: run `make setup`")
     stat = train.stat()
     source = f"{train.resolve()} {stat.st_size} {int(stat.st_mtime)} {encoder.fingerprint} {hnsw}"
     if static_model is not None:

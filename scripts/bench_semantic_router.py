@@ -166,12 +166,8 @@ def main() -> int:
     p50 = {label: statistics.median(v) for label, v in seconds.items()}
     best = p50[order[1]]
 
-    def pct(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
     table = "\n".join(
-        f"| {label} | {p50[label] * 1000:.2f} ms | {pct(v, 0.99) * 1000:.2f} ms | "
+        f"| {label} | {p50[label] * 1000:.2f} ms | {bench_grpc.pct(v, 0.99) * 1000:.2f} ms | "
         f"{p50[label] / best:.1f}x | "
         f"{sum(n == y for n, y in zip(names[label], labels, strict=True)) / len(labels):.3f} |"
         for label, v in seconds.items())

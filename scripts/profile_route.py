@@ -461,13 +461,23 @@ def echo_server(kind: str, port: int) -> int:
         server.wait_for_termination()
         return 0
 
-    async def serve() -> None:
-        async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return b""
+    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
 
+    def make() -> Any:
         handler = grpc.method_handlers_generic_handler(
             ECHO_SERVICE, {"Empty": grpc.unary_unary_rpc_method_handler(empty, _raw, _raw)})
-        server = grpc.aio.server(handlers=[handler], options=options)
+        return grpc.aio.server(handlers=[handler], options=options)
+
+    return run_aio_server(make, address)
+
+
+def run_aio_server(make: Any, address: str) -> int:
+    """Serve ``make()`` (a grpc.aio server, built inside the event loop) on ``address`` until
+    the process is stopped."""
+
+    async def serve() -> None:
+        server = make()
         server.add_insecure_port(address)
         await server.start()
         await server.wait_for_termination()
@@ -647,18 +657,15 @@ def route_server(kind: str, port: int) -> int:
         async def Route(self, request: Any, context: Any) -> Any:
             return decide(request)
 
-    async def serve() -> None:
+    def make() -> Any:
         server = grpc.aio.server(interceptors=interceptors, options=options)
         if scoped is not None:
             server.add_generic_rpc_handlers([scoped])
         else:
             pb_grpc.add_RouterServicer_to_server(AioServicer(), server)
-        server.add_insecure_port(address)
-        await server.start()
-        await server.wait_for_termination()
+        return server
 
-    asyncio.run(serve())
-    return 0
+    return run_aio_server(make, address)
 
 
 def designs_main(args: argparse.Namespace) -> int:

@@ -636,6 +636,33 @@ class StaticStage:
         return out
 
 
+def recorded_static_model(
+    version_dir: Path, record: StaticRecord, settings: Settings, encoder_fingerprint: str,
+    model: StaticEncoder | None = None,
+) -> StaticEncoder:
+    """The static model an index version was built with: ``model``, else the one ``record``
+    names if it still exists, else ``settings.encoder.static_path``. Raises
+    FingerprintMismatch when it is not the one the version was built with, or was not distilled
+    from the encoder ``encoder_fingerprint``; EncoderError when it cannot be read."""
+    if model is None:
+        path = Path(record.path) if record.path and Path(record.path).exists() else (
+            settings.encoder.static_path)
+        model = _load_static(str(Path(path).resolve()))
+    if model.fingerprint != record.fingerprint:
+        raise FingerprintMismatch(
+            f"{version_dir}: index was built with static model {record.fingerprint[:19]}… but "
+            f"the loaded one ({model.path}) is {model.fingerprint[:19]}…; rebuild the index with "
+            f"this static model, load the one it was built with, or turn two_stage off"
+        )
+    if model.source_fingerprint != encoder_fingerprint:
+        raise FingerprintMismatch(
+            f"{model.path}: static model was distilled from encoder "
+            f"{model.source_fingerprint[:19]}… but the loaded encoder is "
+            f"{encoder_fingerprint[:19]}…; re-distill it from this encoder"
+        )
+    return model
+
+
 def open_static_stage(
     encoder_fingerprint: str,
     index: IndexView,
@@ -661,22 +688,7 @@ def open_static_stage(
     table = index.route_table
     if record is None or not np.isfinite(record.threshold):
         return None
-    if model is None:
-        path = Path(record.path) if record.path and Path(record.path).exists() else (
-            settings.encoder.static_path)
-        model = _load_static(str(Path(path).resolve()))
-    if model.fingerprint != record.fingerprint:
-        raise FingerprintMismatch(
-            f"{version_dir}: index was built with static model {record.fingerprint[:19]}… but "
-            f"the loaded one ({model.path}) is {model.fingerprint[:19]}…; rebuild the index with "
-            f"this static model, load the one it was built with, or turn two_stage off"
-        )
-    if model.source_fingerprint != encoder_fingerprint:
-        raise FingerprintMismatch(
-            f"{model.path}: static model was distilled from encoder "
-            f"{model.source_fingerprint[:19]}… but the loaded encoder is "
-            f"{encoder_fingerprint[:19]}…; re-distill it from this encoder"
-        )
+    model = recorded_static_model(version_dir, record, settings, encoder_fingerprint, model)
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     static_index = faiss.read_index(str(version_dir / record.file), flags)
     matrix = np.load(version_dir / record.map_file, allow_pickle=False).astype(np.float32)

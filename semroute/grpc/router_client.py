@@ -106,36 +106,10 @@ def channel_options(addr: str, lb_policy: str) -> list[tuple[str, int | str]]:
     return [*CHANNEL_OPTIONS, *balancing_options(addr, lb_policy)]
 
 
-class StubTurns:
-    """One Router stub per channel, handed out in turn (both clients spread calls this way)."""
-
-    def __init__(self, channels: Sequence[Any]) -> None:
-        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
-                       for ch in channels]
-        self._turn = 0
-
-    def next(self) -> pb_grpc.RouterStub:
-        self._turn = (self._turn + 1) % len(self._stubs)
-        return self._stubs[self._turn]
-
-
-class RouterClient:
-    """Async client of ``semroute.v1.Router``. Use as ``async with RouterClient(addr) as c``.
-
-    ``token``: bearer token sent on every call. ``tls_ca``: CA file to verify the server (TLS on
-    when given); ``tls_cert``/``tls_key``: client certificate for mutual TLS. ``timeout``: per-call
-    deadline in seconds. The current request id (``semroute.logs``), if any, is forwarded as
-    ``x-request-id``.
-
-    ``channels``: connections to open, used in turn call by call. A gRPC channel is one HTTP/2
-    connection, and a router started with ``--processes N`` serves each connection from one of
-    its processes (SO_REUSEPORT spreads connections, not calls), so a busy client needs several
-    (a few per process) to use them all; a load balancer in front does the same job.
-
-    ``lb_policy``: how calls spread over the addresses ``addr`` resolves to
-    (``semroute.grpc.balancing``): ``auto`` is ``round_robin`` for a target that may name several
-    router replicas (``dns:///host:port``, ``ipv4:a:p,b:p``) and gRPC's default otherwise.
-    """
+class _ClientChannels:
+    """What both router clients share: their arguments (see ``RouterClient``), ``channels``
+    channels opened by the subclass's ``_open``, and one Router stub per channel, handed out in
+    turn call by call."""
 
     def __init__(
         self,
@@ -156,14 +130,46 @@ class RouterClient:
         self._token = token
         self.lb_policy = resolve_policy(addr, lb_policy) or "pick_first"
         options = channel_options(addr, lb_policy)
-        self._channels = [open_channel(addr, tls_ca, tls_cert, tls_key, options=options)
+        self._channels = [self._open(addr, tls_ca, tls_cert, tls_key, options)
                           for _ in range(channels)]
-        self._stubs = StubTurns(self._channels)
+        self._stubs = [pb_grpc.RouterStub(ch)  # type: ignore[no-untyped-call]
+                       for ch in self._channels]
+        self._turn = 0
+
+    @staticmethod
+    def _open(addr: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+              options: Sequence[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
 
     @property
     def stub(self) -> pb_grpc.RouterStub:
         """The stub of the next channel in turn."""
-        return self._stubs.next()
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
+
+
+class RouterClient(_ClientChannels):
+    """Async client of ``semroute.v1.Router``. Use as ``async with RouterClient(addr) as c``.
+
+    ``token``: bearer token sent on every call. ``tls_ca``: CA file to verify the server (TLS on
+    when given); ``tls_cert``/``tls_key``: client certificate for mutual TLS. ``timeout``: per-call
+    deadline in seconds. The current request id (``semroute.logs``), if any, is forwarded as
+    ``x-request-id``.
+
+    ``channels``: connections to open, used in turn call by call. A gRPC channel is one HTTP/2
+    connection, and a router started with ``--processes N`` serves each connection from one of
+    its processes (SO_REUSEPORT spreads connections, not calls), so a busy client needs several
+    (a few per process) to use them all; a load balancer in front does the same job.
+
+    ``lb_policy``: how calls spread over the addresses ``addr`` resolves to
+    (``semroute.grpc.balancing``): ``auto`` is ``round_robin`` for a target that may name several
+    router replicas (``dns:///host:port``, ``ipv4:a:p,b:p``) and gRPC's default otherwise.
+    """
+
+    @staticmethod
+    def _open(addr: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+              options: Sequence[tuple[str, Any]]) -> Any:
+        return open_channel(addr, tls_ca, tls_cert, tls_key, options=options)
 
     async def __aenter__(self) -> RouterClient:
         return self
@@ -239,44 +245,19 @@ class RouterClient:
         return candidate_reply(await self._call(self.stub.SetCandidate, request, timeout))
 
 
-class SyncRouterClient:
+class SyncRouterClient(_ClientChannels):
     """Blocking client of ``semroute.v1.Router``, on grpc's synchronous channel: the same
     arguments, methods and errors as ``RouterClient``, no event loop in between. Safe to share
     between threads (grpc channels are thread-safe). Use as ``with SyncRouterClient(addr) as c``.
     """
 
-    def __init__(
-        self,
-        addr: str,
-        *,
-        token: str | None = None,
-        tls_ca: Path | None = None,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-        timeout: float = 5.0,
-        channels: int = 1,
-        lb_policy: str = "auto",
-    ) -> None:
-        if channels < 1:
-            raise ValueError(f"channels: need at least 1, got {channels}")
-        self.addr = addr
-        self.timeout = timeout
-        self._token = token
-        self.lb_policy = resolve_policy(addr, lb_policy) or "pick_first"
-        options = channel_options(addr, lb_policy)
+    @staticmethod
+    def _open(addr: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+              options: Sequence[tuple[str, Any]]) -> Any:
         if tls_ca is not None or tls_cert is not None:
-            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channels = [grpc.secure_channel(addr, credentials, options=options)
-                              for _ in range(channels)]
-        else:
-            self._channels = [grpc.insecure_channel(addr, options=options)
-                              for _ in range(channels)]
-        self._stubs = StubTurns(self._channels)
-
-    @property
-    def stub(self) -> pb_grpc.RouterStub:
-        """The stub of the next channel in turn."""
-        return self._stubs.next()
+            return grpc.secure_channel(addr, channel_credentials(tls_ca, tls_cert, tls_key),
+                                       options=options)
+        return grpc.insecure_channel(addr, options=options)
 
     def __enter__(self) -> SyncRouterClient:
         return self

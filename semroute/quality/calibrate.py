@@ -320,19 +320,16 @@ def _static_model_of(index: ExemplarIndex, router: Router) -> StaticEncoder | No
     """The static model ``index`` was built with (two-stage encoder), so a version grown from
     it keeps its static stage; None when it has none or that model is gone or no longer fits
     (the new version is then built without one, as ``index build --no-static`` would)."""
-    from semroute.static_encoder import MANIFEST, StaticEncoder
+    from semroute.errors import SemrouteError
+    from semroute.two_stage import recorded_static_model
 
     record = index.manifest.static
     if record is None:
         return None
-    for candidate in (Path(record.path) if record.path else None,
-                      router.settings.encoder.static_path):
-        if candidate is None or not (candidate / MANIFEST).exists():
-            continue
-        model = StaticEncoder.load(candidate)
-        if (model.fingerprint == record.fingerprint
-                and model.source_fingerprint == router.encoder.fingerprint):
-            return model
-    log.warning("static_stage_not_kept", why=f"static model {record.path} is missing or "
-                "does not fit; the new version has no static stage (two-stage off for it)")
-    return None
+    try:
+        return recorded_static_model(index.path, record, router.settings,
+                                     router.encoder.fingerprint)
+    except SemrouteError as exc:
+        log.warning("static_stage_not_kept", why=f"{exc}; the new version has no static stage "
+                    "(two-stage off for it)")
+        return None
